@@ -1,0 +1,31 @@
+# A fresh machine needs only python3 (>= 3.10) with venv: `make demo` and `make test` create .venv,
+# install the pinned dependencies (torch 2.13.0 CPU; never torchvision/timm) and run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing later pulls a CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e ".[export,service,test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(BIN)/gaikan demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/elpv.py
+
+clean:
+	rm -rf $(VENV) gaikan-demo .pytest_cache

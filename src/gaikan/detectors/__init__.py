@@ -1,0 +1,6 @@
+"""Detectors: one module per method, all answering the interface of ``base.Detector``."""
+
+from gaikan.detectors.base import Detector, ScoreResult, Thresholds, detector_names, get_detector_class, load_detector
+from gaikan.detectors.padim import PaDiM
+
+__all__ = ["Detector", "PaDiM", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]
