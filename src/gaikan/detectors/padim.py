@@ -1,0 +1,179 @@
+"""PaDiM: a Gaussian per patch position over pretrained CNN features (Defard et al., ICPR 2021,
+"PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and Localization").
+
+For each position p of the finest tap's grid, the embedding x_p (d randomly chosen channels of the
+concatenated multi-layer features) of the good training images is modelled as N(mu_p, Sigma_p) with
+Sigma_p = sample covariance + eps * I. A patch's anomaly is its Mahalanobis distance
+
+    M(x_p) = sqrt((x_p - mu_p)^T Sigma_p^-1 (x_p - mu_p)) = || W_p (x_p - mu_p) ||_2,
+
+where Sigma_p = C_p C_p^T (Cholesky) and W_p = C_p^-1, precomputed at fit time. Scoring every
+position of a batch is then one batched matrix product. The distance map is upsampled to the working
+size, smoothed with a Gaussian (sigma 4) and the image score is its maximum.
+
+Fitting streams: only the per-position sums of x and x x^T are kept (float64), never all features.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gaikan.backbones.features import FeatureExtractor, prepare_batch
+from gaikan.detectors.base import Detector, ScoreResult, register
+from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.errors import ModelFormatError, SettingsError
+from gaikan.progress import batches, track
+
+
+def embed(features: list[torch.Tensor], channel_index: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Concatenate the chosen channels of several taps at the finest tap's resolution.
+
+    features: per-tap (B, C_i, h_i, w_i); channel_index: sorted indices into the concatenation of all
+    taps' channels; returns (B, d, h_0, w_0). Coarser taps are upsampled with nearest neighbour.
+    """
+    size = features[0].shape[-2:]
+    parts = []
+    for feat, start in zip(features, offsets):
+        local = channel_index[(channel_index >= start) & (channel_index < start + feat.shape[1])] - start
+        if local.numel() == 0:
+            continue
+        part = feat.index_select(1, local)
+        if part.shape[-2:] != size:
+            part = F.interpolate(part, size=size, mode="nearest")
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
+def whitening_factors(sum_x: torch.Tensor, sum_xxt: torch.Tensor, n: int, eps: float,
+                      chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """From streamed sums to means (P, d) and whitening matrices W_p = chol(Sigma_p)^-1 (P, d, d).
+
+    Sigma_p = (sum x x^T - n mu mu^T) / (n - 1) + eps I, computed in float64 in chunks of positions.
+    """
+    mean = sum_x / n
+    n_pos, d = mean.shape
+    eye = torch.eye(d, dtype=torch.float64)
+    whiten = torch.empty(n_pos, d, d, dtype=torch.float32)
+    for sl in batches(n_pos, chunk):
+        mu = mean[sl]
+        cov = (sum_xxt[sl] - n * mu[:, :, None] * mu[:, None, :]) / max(n - 1, 1) + eps * eye
+        chol = torch.linalg.cholesky(cov)
+        whiten[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(cov), upper=False).float()
+    return mean.float(), whiten
+
+
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Distances of embeddings x (B, P, d) to per-position Gaussians: ||W_p (x_bp - mu_p)|| -> (B, P).
+
+    One batched matrix product over all positions; no loop over positions or images.
+    """
+    diff = (x - mean[None]).transpose(0, 1)  # (P, B, d)
+    y = torch.bmm(diff, whiten.transpose(1, 2))  # (P, B, d): row b is W_p diff_bp
+    return y.square().sum(-1).clamp_min(0).sqrt().transpose(0, 1)
+
+
+@register("padim")
+class PaDiM(Detector):
+    """PaDiM on EfficientNet-Lite0 features.
+
+    Settings:
+        image_size: working size in pixels (images are resized to image_size x image_size).
+        stages: backbone stages tapped (see gaikan.backbones.features); the first sets the grid.
+        n_features: d, the number of randomly chosen channels (seeded).
+        eps: covariance regularisation eps * I.
+        sigma: Gaussian smoothing of the anomaly map, in working-size pixels.
+        batch_size: images per forward pass.
+        seed: seeds the channel choice and the validation split.
+    """
+
+    def __init__(self, image_size: int = 224, stages: Sequence[int] = (1, 2, 4), n_features: int = 100,
+                 eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, seed: int = 0):
+        self.image_size = int(image_size)
+        self.stages = tuple(int(s) for s in stages)
+        self.n_features = int(n_features)
+        self.eps = float(eps)
+        self.sigma = float(sigma)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self._extractor: FeatureExtractor | None = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.stages)
+        return self._extractor
+
+    def _offsets(self) -> list[int]:
+        return [0] + list(np.cumsum(self.extractor.channels)[:-1])
+
+    def _embed_batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Images -> (B, P, d) embeddings and remember the grid shape."""
+        x = prepare_batch(images, self.input_size)
+        with torch.inference_mode():
+            emb = embed(self.extractor(x), self.channel_index_, self._offsets())
+        self.grid_ = tuple(emb.shape[-2:])
+        return emb.flatten(2).transpose(1, 2).contiguous()
+
+    def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
+        total = sum(self.extractor.channels)
+        if not 1 <= self.n_features <= total:
+            raise SettingsError(f"n_features must be in 1..{total} for stages {self.stages}, got {self.n_features}")
+        if len(images) < 2:
+            raise SettingsError("PaDiM needs at least 2 good training images")
+        rng = np.random.default_rng(self.seed)
+        self.channel_index_ = torch.from_numpy(np.sort(rng.choice(total, self.n_features, replace=False)))
+        # Sums of (x - shift) and its outer products; the shift (the first batch's mean) keeps the
+        # float32 products well conditioned, the running totals are float64.
+        shift = sum_x = sum_xxt = None
+        for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
+            emb = self._embed_batch(images[sl])  # (B, P, d)
+            if shift is None:
+                shift = emb.mean(0)
+                n_pos, d = shift.shape
+                sum_x = torch.zeros(n_pos, d, dtype=torch.float64)
+                sum_xxt = torch.zeros(n_pos, d, d, dtype=torch.float64)
+            centred = (emb - shift).transpose(0, 1)  # (P, B, d)
+            sum_x += centred.sum(1)
+            sum_xxt += torch.bmm(centred.transpose(1, 2), centred)
+        mean_centred, self.whiten_ = whitening_factors(sum_x, sum_xxt, len(images), self.eps)
+        self.mean_ = mean_centred + shift
+
+    def _score(self, images: list[np.ndarray]) -> ScoreResult:
+        scores, maps = [], []
+        for sl in track(batches(len(images), self.batch_size), "PaDiM: scoring"):
+            emb = self._embed_batch(images[sl])
+            with torch.inference_mode():
+                dist = mahalanobis(emb, self.mean_, self.whiten_).view(-1, *self.grid_)
+                amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+            maps.append(amap.numpy())
+            scores.append(amap.amax(dim=(1, 2)).numpy())
+        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+
+    # ---- persistence: W_p is lower triangular, so only its triangle is stored -----------------
+    def _state(self) -> dict[str, np.ndarray]:
+        d = self.whiten_.shape[-1]
+        rows, cols = torch.tril_indices(d, d)
+        return {
+            "channel_index": self.channel_index_.numpy(),
+            "mean": self.mean_.numpy(),
+            "whiten_tril": self.whiten_[:, rows, cols].numpy(),
+            "grid": np.asarray(self.grid_, dtype=np.int64),
+        }
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.channel_index_ = torch.from_numpy(state["channel_index"]).long()
+        self.mean_ = torch.from_numpy(state["mean"]).float()
+        n_pos, d = self.mean_.shape
+        tril = torch.from_numpy(state["whiten_tril"]).float()
+        if tril.shape != (n_pos, d * (d + 1) // 2) or len(self.channel_index_) != d:
+            raise ModelFormatError(f"PaDiM tensors have inconsistent shapes: mean {tuple(self.mean_.shape)}, "
+                                   f"whiten_tril {tuple(tril.shape)}")
+        rows, cols = torch.tril_indices(d, d)
+        self.whiten_ = torch.zeros(n_pos, d, d)
+        self.whiten_[:, rows, cols] = tril
+        self.grid_ = tuple(int(v) for v in state["grid"])

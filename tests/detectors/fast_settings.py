@@ -1,0 +1,8 @@
+"""Fast settings for every detector, used by the shared check suite (test_shared_checks.py).
+
+A detector module registers itself here with the settings that keep its checks to seconds on CPU.
+"""
+
+FAST_SETTINGS = {
+    "padim": dict(image_size=96, n_features=40),
+}
