@@ -1,0 +1,247 @@
+"""The ``gaikan`` command. Thin: it parses options and calls the library (gaikan.pipeline).
+
+Errors the user can act on (GaikanError) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from gaikan.errors import GaikanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="gaikan (外観): visual inspection that tells OK from NG parts on a CPU.")
+
+DATA_HELP = ("Data spec: elpv:mono | elpv:poly (the fixed ELPV split), mvtec:PATH (one MVTec AD category), "
+             "folder:PATH (good/ plus one folder per defect type; 20% of good/ held out for testing), "
+             "idx:PATH[?good=D&defect=E] (MNIST-style IDX files).")
+QUIET_HELP = "No progress bars."
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Turn GaikanError into a one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GaikanError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+    return wrapper
+
+
+def _parse_options(options: list[str] | None) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for item in options or []:
+        if "=" not in item:
+            raise GaikanError(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        parsed[key.strip().replace("-", "_")] = value.strip()
+    return parsed
+
+
+def _set_quiet(quiet: bool) -> None:
+    from gaikan.progress import set_quiet
+
+    set_quiet(quiet)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command()
+@user_errors
+def fit(
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    detector: str = typer.Option("padim", "--detector", help="Detector name (see `gaikan detectors`)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o",
+                                               help="Detector setting KEY=VALUE, repeatable (e.g. n_features=100)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (refused if it exists, unless --force)."),
+    validation_fraction: float = typer.Option(0.1, help="Share of the good training images held out to "
+                                                        "calibrate the thresholds."),
+    threshold_method: str = typer.Option("max-good", "--threshold", help="Default threshold: max-good (no false "
+                                         "alarm on the held-out goods), quantile (99.5th percentile of them), "
+                                         "or conformal (needs --false-alarm-rate)."),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="Target false-alarm rate alpha for the "
+                                                     "split-conformal threshold (e.g. 0.01)."),
+    seed: int = typer.Option(0, help="Seed of the folder: hold-out split."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing model directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Fit a detector on the good training images of a data set and save it."""
+    from gaikan import pipeline
+    from gaikan.io.model_io import prepare_output_dir
+
+    _set_quiet(quiet)
+    prepare_output_dir(out, overwrite=force, what="model directory")
+    if false_alarm_rate is not None and threshold_method == "max-good":
+        threshold_method = "conformal"
+    det = pipeline.make_detector(detector, _parse_options(option))
+    split = pipeline.load_split_for(det, data, seed=seed)
+    start = time.perf_counter()
+    pipeline.fit_detector(det, split, validation_fraction=validation_fraction, threshold_method=threshold_method,
+                          false_alarm_rate=false_alarm_rate)
+    seconds = time.perf_counter() - start
+    det.fit_info_["seconds"] = round(seconds, 2)
+    det.save(out, overwrite=force)
+    info = det.fit_info_
+    typer.echo(f"fitted {det.name} on {info['n_train']} images of {data} in {seconds:.1f} s; "
+               f"threshold {det.thresholds.default_method} = {det.threshold:.4g} "
+               f"(from {info['n_calibration']} {info['calibrated_on']}); saved to {out}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit`."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON to this file."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write plots (ROC, PR, histogram, confusion) "
+                                          "and per-image scores into this directory."),
+    seed: int = typer.Option(0, help="Seed of the folder: hold-out split (use the one given to fit)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file or --report directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Score the test images of a data set and report image/pixel AUROC, F1, thresholds, confusion."""
+    from gaikan import pipeline
+    from gaikan.detectors.base import load_detector
+    from gaikan.io.model_io import prepare_output_dir
+
+    _set_quiet(quiet)
+    if json_path is not None and json_path.exists() and not force:
+        raise GaikanError(f"{json_path} already exists; use --force to replace it")
+    if report is not None:
+        prepare_output_dir(report, overwrite=force, what="report directory")
+    det = load_detector(model)
+    split = pipeline.load_split_for(det, data, seed=seed)
+    run = pipeline.evaluate_detector(det, split, report_dir=report)
+    result = run.to_json()
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    _print_evaluation(result)
+    if report is not None:
+        typer.echo(f"report written to {report}")
+
+
+def _print_evaluation(result: dict) -> None:
+    from rich.table import Table
+
+    def fmt(v):
+        return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    table = Table(title=f"{result['detector']} on {result['data']} ({result['n_images']} test images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "average_precision", "f1_max",
+                "detection_rate_at_1pct", "detection_rate_at_5pct", "spearman_probability"):
+        if key in result:
+            table.add_row(key, fmt(result.get(key)))
+    for method, value in result["thresholds"].items():
+        mark = " (model)" if method == result["threshold_method"] else ""
+        table.add_row(f"threshold {method}{mark}", f"{value:.4g}")
+    c = result["confusion"]
+    table.add_row("at model threshold: OK→OK / OK→NG", f"{c['tn']} / {c['fp']}")
+    table.add_row("at model threshold: NG→OK / NG→NG", f"{c['fn']} / {c['tp']}")
+    table.add_row("accuracy at model threshold", fmt(c.get("accuracy")))
+    table.add_row("scoring ms / image", fmt(result.get("ms_per_image")))
+    _console().print(table)
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit`."),
+    out: Path = typer.Option(..., "--out", help="Results directory: results.csv, ng_list.txt, figures/."),
+    no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """OK/NG verdict, score and heat-map figure for each image; unreadable files are listed, not fatal."""
+    from gaikan import pipeline
+    from gaikan.detectors.base import load_detector
+
+    _set_quiet(quiet)
+    det = load_detector(model)
+    preds = pipeline.predict_files(det, inputs, out, force=force, figures=not no_figures)
+    n_ng = sum(p.verdict == "NG" for p in preds)
+    bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
+    typer.echo(f"{len(preds) - len(bad)} images scored: {n_ng} NG, {len(preds) - len(bad) - n_ng} OK"
+               f"{f', {len(bad)} unreadable' if bad else ''}; results in {out / pipeline.RESULTS_CSV}")
+    for p in bad:
+        typer.echo(f"unreadable: {p.error}", err=True)
+
+
+@app.command()
+def detectors():
+    """List the detectors and their settings."""
+    from gaikan.detectors.base import detector_names, get_detector_class
+
+    for name in detector_names():
+        cls = get_detector_class(name)
+        kind = "supervised" if cls.supervised else "good images only"
+        typer.echo(f"{name} ({kind}): settings {', '.join(cls.setting_names())}")
+
+
+DEMO_MARKER = ".gaikan-demo"
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("gaikan-demo"), "--out", help="Where the demo writes its model and report."),
+    data: str = typer.Option("elpv:mono", "--data", help=DATA_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Fit PaDiM on the embedded ELPV solar-cell images (mono), evaluate it and write a report."""
+    from gaikan import pipeline
+
+    _set_quiet(quiet)
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise GaikanError(f"{out} exists and was not written by `gaikan demo`; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by gaikan demo; replaced by the next demo run\n")
+    det = pipeline.make_detector("padim")
+    typer.echo(f"gaikan demo: PaDiM (EfficientNet-Lite0) on {data}", err=True)
+    split = pipeline.load_split_for(det, data)
+    start = time.perf_counter()
+    pipeline.fit_detector(det, split)
+    det.fit_info_["seconds"] = round(time.perf_counter() - start, 2)
+    det.save(out / "model")
+    run = pipeline.evaluate_detector(det, split, report_dir=out / "report")
+    result = run.to_json()
+    result["fit_seconds"] = det.fit_info_["seconds"]
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print_evaluation(result)
+    typer.echo(f"fit: {det.fit_info_['seconds']:.1f} s on {det.fit_info_['n_train']} good cells; "
+               f"model in {out / 'model'}, report in {out / 'report'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
