@@ -69,3 +69,14 @@ def test_invalid_settings_are_refused():
         PaDiM(image_size=64, n_features=5000).fit([np.zeros((64, 64), np.uint8)] * 4)
     with pytest.raises(SettingsError, match="has no setting 'nfeatures'"):
         PaDiM.from_options({"nfeatures": "3"})
+
+
+def test_an_unsupervised_detector_never_learns_from_defective_images(defect_split):
+    test = defect_split.test
+    images = defect_split.train.images[:16] + test.images
+    labels = [0] * 16 + list(test.labels)
+    with_labels = PaDiM(image_size=64, n_features=16).fit(images, labels)
+    goods_only = PaDiM(image_size=64, n_features=16).fit(images[:16] + [im for im, lab in zip(test.images, test.labels)
+                                                                        if lab == 0])
+    assert with_labels.fit_info_["n_train_defective"] == 0
+    assert torch.equal(with_labels.whiten_, goods_only.whiten_)

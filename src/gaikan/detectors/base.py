@@ -144,7 +144,9 @@ class Detector:
                                 "give more good images or validation_fraction=0")
         rng = np.random.default_rng(getattr(self, "seed", 0))
         val_idx = np.sort(rng.permutation(good)[:n_val])
-        train_idx = np.setdiff1d(np.flatnonzero(labels >= 0), val_idx)
+        # only supervised detectors learn from defective images; uncertain (-1) rows are never used
+        usable = labels >= 0 if self.supervised else labels == 0
+        train_idx = np.setdiff1d(np.flatnonzero(usable), val_idx)
         train_labels = labels[train_idx]
         self._fit([images[i] for i in train_idx], train_labels if self.supervised else None)
         self.fitted_ = True
