@@ -25,6 +25,8 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if is_quiet():
         yield from items
         return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
