@@ -2,5 +2,6 @@
 
 from gaikan.detectors.base import Detector, ScoreResult, Thresholds, detector_names, get_detector_class, load_detector
 from gaikan.detectors.padim import PaDiM
+from gaikan.detectors.patchcore import PatchCore
 
-__all__ = ["Detector", "PaDiM", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]
+__all__ = ["Detector", "PaDiM", "PatchCore", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]

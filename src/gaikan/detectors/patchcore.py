@@ -1,0 +1,316 @@
+"""PatchCore: nearest-neighbour distance to a coreset memory bank of locally aware patch features
+(Roth, Pemula, Zepeda, Schölkopf, Brox, Gehler: "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022). Formulas and choices: docs/patchcore.md.
+
+Features. For taps phi_j (stride 8 and 16 by default: EfficientNet-Lite0 stages 2 and 4), each map is
+averaged over the 3x3 neighbourhood of every position (avg_pool 3x3, stride 1, padding 1, the mean
+over the positions inside the map, so borders are not darkened by zero padding: the paper's
+local aggregation with p = 3), the coarser is upsampled bilinearly to the finer grid and the maps are
+concatenated: one vector x_p in R^D per position (D = 40 + 112 = 152), optionally reduced to
+``feature_dim`` by adaptive average pooling over the channels as in the paper.
+
+Memory bank. All patch vectors of the good training images, reduced by greedy k-center coreset
+selection (Sener & Savarese 2018) on a seeded Johnson-Lindenstrauss projection to ``projection_dim``:
+start from a random patch, then repeatedly add the patch farthest from the selected set,
+
+    c_{i+1} = argmax_x min_{c in C_i} || psi(x) - psi(c) ||_2 ,
+
+keeping one min-distance vector updated with a single matrix-vector product per iteration.
+
+Score. A test patch's score is its distance to the nearest bank entry, s(x) = min_m ||x - m||_2 (exact,
+in chunks of bounded memory). The grid of scores is upsampled to the working size, smoothed with a
+Gaussian (sigma 4) and the image score is the maximum of the map. With ``reweight=True`` the map of
+each image is multiplied by the paper's weight (eq. 7) for its most anomalous patch x* with nearest
+bank entry m*:  w = 1 - exp(||x* - m*||) / sum_{m in N_b(m*)} exp(||x* - m||), N_b the b nearest
+bank entries of m* (m* included).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gaikan.backbones.features import STAGE_CHANNELS, FeatureExtractor, prepare_batch
+from gaikan.detectors.base import Detector, ScoreResult, register
+from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.tiling import check_tiling, score_tiled, tile_views
+from gaikan.errors import ModelFormatError, SettingsError
+from gaikan.progress import batches, track
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+# ---- pure functions ----------------------------------------------------------------------------
+def locally_aware_features(features: list[torch.Tensor], feature_dim: int = 0) -> torch.Tensor:
+    """Per-tap (B, C_j, h_j, w_j) maps -> (B, D, h_0, w_0) patch features of the paper.
+
+    3x3 neighbourhood average of every tap, the coarser taps upsampled bilinearly to the first tap's
+    grid, concatenated; with feature_dim > 0 the D channels are adaptively average-pooled to feature_dim.
+    """
+    size = features[0].shape[-2:]
+    parts = []
+    for feat in features:
+        feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if feat.shape[-2:] != size:
+            feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
+        parts.append(feat)
+    x = torch.cat(parts, dim=1)
+    if feature_dim and feature_dim != x.shape[1]:
+        b, d, h, w = x.shape
+        x = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, d), feature_dim)
+        x = x.reshape(b, h, w, feature_dim).permute(0, 3, 1, 2)
+    return x
+
+
+def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
+    """Seeded Gaussian Johnson-Lindenstrauss matrix (dim_in, dim_out), entries N(0, 1/dim_out)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(dim_in, dim_out, generator=gen) / math.sqrt(dim_out)
+
+
+def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0) -> torch.Tensor:
+    """Greedy k-center selection on points given TRANSPOSED, (D, N) contiguous (the fast layout for
+    the per-iteration product v^T X). Returns the (n_select,) indices, ``start`` first.
+
+    min_d holds each point's squared distance to the selected set; each iteration adds its argmax and
+    updates min_d with ||x||^2 - 2 x.c + ||c||^2 for the new centre c: O(N D) per iteration, no N x N.
+    """
+    _, n = points_t.shape
+    n_select = min(int(n_select), n)
+    sq = points_t.square().sum(0)  # (N,)
+    selected = torch.empty(n_select, dtype=torch.long)
+    min_d = torch.full((n,), torch.inf)
+    buf = torch.empty(1, n)
+    idx = int(start)
+    for i in range(n_select):
+        selected[i] = idx
+        centre = points_t[:, idx].contiguous()[None]  # (1, D); contiguous: 2x faster product
+        torch.mm(centre, points_t, out=buf)  # x.c for all x
+        buf.mul_(-2.0).add_(sq).add_(sq[idx])  # ||x||^2 - 2 x.c + ||c||^2
+        torch.minimum(min_d, buf[0], out=min_d)
+        min_d[idx] = 0.0  # exact for the chosen point whatever the rounding
+        idx = int(torch.argmax(min_d))
+    return selected
+
+
+def kcenter_greedy(points: torch.Tensor, n_select: int, start: int = 0) -> torch.Tensor:
+    """Greedy k-center selection on (N, D) points; see ``kcenter_greedy_t``."""
+    return kcenter_greedy_t(points.t().contiguous().float(), n_select, start)
+
+
+def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of the coreset of ``fraction`` of the (N, D) features (at least one), chosen by greedy
+    k-center on a seeded random projection to ``projection_dim`` (no projection when 0 or >= D)."""
+    n, d = features.shape
+    n_select = max(1, int(round(fraction * n)))
+    if n_select >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(n, (1,), generator=gen))
+    if projection_dim and projection_dim < d:
+        proj = random_projection(d, projection_dim, seed)
+        points_t = torch.mm(proj.t(), features.t())  # (k, N), contiguous, no copy of the features
+    else:
+        points_t = features.t().contiguous()
+    return kcenter_greedy_t(points_t, n_select, start)
+
+
+class MemoryBank:
+    """A bank (M, D) prepared once for nearest-neighbour queries: centred (better float32 precision
+    of the norm expansion), transposed contiguous, squared norms cached."""
+
+    def __init__(self, bank: torch.Tensor):
+        bank = bank.float()
+        self.size, self.dim = bank.shape
+        self.centre = bank.mean(0)
+        centred = bank - self.centre
+        self.bank_t = centred.t().contiguous()  # (D, M)
+        self.sq = centred.square().sum(1)  # (M,)
+
+    def nearest(self, queries: torch.Tensor, *, k: int = 1, chunk_mb: float = 64.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact Euclidean k nearest bank entries of (Q, D) queries -> (distances (Q, k), indices (Q, k)).
+
+        ||q - m||^2 = ||q||^2 - 2 q.m + ||m||^2 in chunks of queries so that one chunk's (rows, M)
+        distance block stays under ``chunk_mb`` MB.
+        """
+        q = queries.float() - self.centre
+        rows = max(1, int(chunk_mb * 2**20 / 4 / max(self.size, 1)))
+        dists, index = [], []
+        for sl in batches(len(q), rows):
+            part = q[sl]
+            d2 = torch.addmm(self.sq[None], part, self.bank_t, beta=1.0, alpha=-2.0)
+            d2 += part.square().sum(1, keepdim=True)
+            if k == 1:
+                val, idx = d2.min(1, keepdim=True)
+            else:
+                val, idx = torch.topk(d2, min(k, self.size), dim=1, largest=False)
+            dists.append(val.clamp_min_(0).sqrt_())
+            index.append(idx)
+        return torch.cat(dists), torch.cat(index)
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_mb: float = 64.0) -> torch.Tensor:
+    """Distance of each (Q, D) query to its nearest row of the (M, D) bank -> (Q,)."""
+    return MemoryBank(bank).nearest(queries, chunk_mb=chunk_mb)[0][:, 0]
+
+
+def reweight_factor(query: torch.Tensor, nearest_index: torch.Tensor, memory: MemoryBank, bank: torch.Tensor,
+                    num_neighbors: int) -> torch.Tensor:
+    """The paper's eq. 7 weight for (B, D) most-anomalous patches with nearest bank rows (B,) -> (B,).
+
+    w = 1 - softmax(||x* - m||, m in N_b(m*))[m*], N_b(m*) the b nearest bank rows of m* (m* first).
+    """
+    b = min(num_neighbors, memory.size)
+    _, support = memory.nearest(bank[nearest_index], k=b)  # (B, b); the first is m* itself
+    support[:, 0] = nearest_index
+    dist = (query[:, None, :] - bank[support]).norm(dim=-1)  # (B, b)
+    return 1.0 - torch.softmax(dist, dim=1)[:, 0]
+
+
+# ---- the detector ------------------------------------------------------------------------------
+@register("patchcore")
+class PatchCore(Detector):
+    """PatchCore on EfficientNet-Lite0 features.
+
+    Settings:
+        image_size: working size in pixels (images, or tiles, are resized to image_size x image_size).
+        stages: backbone stages tapped (2 = stride 8, 4 = stride 16); the first sets the grid.
+        feature_dim: channels after adaptive average pooling (0 = keep all D = sum of tap channels).
+        coreset_fraction: share of the training patches kept in the memory bank (greedy k-center).
+        projection_dim: dimension of the random projection the coreset selection runs on.
+        reweight: apply the paper's re-weighting (eq. 7) to each image's map and score.
+        num_neighbors: b, the bank neighbourhood of the re-weighting.
+        sigma: Gaussian smoothing of the anomaly map, in working-size pixels.
+        batch_size: images (or tiles) per forward pass.
+        storage_dtype: "float32" or "float16" memory bank (float16 halves the model; the bank is
+            rounded at fit time so scores are the same before saving and after loading).
+        tile_size, tile_overlap, tile_reduce: tiling of large images (gaikan.detectors.tiling);
+            tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
+        chunk_mb: memory bound of one block of the nearest-neighbour search.
+        seed: seeds the projection, the coreset start and the validation split.
+    """
+
+    def __init__(self, image_size: int = 224, stages: Sequence[int] = (2, 4), feature_dim: int = 0,
+                 coreset_fraction: float = 0.1, projection_dim: int = 128, reweight: bool = False,
+                 num_neighbors: int = 9, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
+                 tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", chunk_mb: float = 64.0,
+                 seed: int = 0):
+        self.image_size = int(image_size)
+        self.stages = tuple(int(s) for s in stages)
+        self.feature_dim = int(feature_dim)
+        self.coreset_fraction = float(coreset_fraction)
+        self.projection_dim = int(projection_dim)
+        self.reweight = bool(reweight)
+        self.num_neighbors = int(num_neighbors)
+        self.sigma = float(sigma)
+        self.batch_size = int(batch_size)
+        self.storage_dtype = str(storage_dtype)
+        self.tile_size = int(tile_size)
+        self.tile_overlap = float(tile_overlap)
+        self.tile_reduce = str(tile_reduce)
+        self.chunk_mb = float(chunk_mb)
+        self.seed = int(seed)
+        self._extractor: FeatureExtractor | None = None
+        self._memory: MemoryBank | None = None
+
+    def _check_settings(self) -> None:
+        if not 0.0 < self.coreset_fraction <= 1.0:
+            raise SettingsError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise SettingsError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+        if self.feature_dim < 0 or self.projection_dim < 0 or self.num_neighbors < 1 or self.batch_size < 1:
+            raise SettingsError("feature_dim and projection_dim must be >= 0, num_neighbors and batch_size >= 1")
+        check_tiling(self.tile_size, self.tile_overlap, self.tile_reduce)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.stages)
+        return self._extractor
+
+    @property
+    def memory(self) -> MemoryBank:
+        """The bank prepared for queries, built once per fit/load (not per ``score`` call)."""
+        if self._memory is None:
+            self._memory = MemoryBank(self.bank_)
+        return self._memory
+
+    def _embed(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Images -> (B, h, w, D) patch features; remembers the grid."""
+        x = prepare_batch(images, self.input_size)
+        with torch.inference_mode():
+            feats = locally_aware_features(self.extractor(x), self.feature_dim)
+        self.grid_ = tuple(feats.shape[-2:])
+        return feats.permute(0, 2, 3, 1).contiguous()
+
+    def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
+        self._check_settings()
+        if self.tile_size:
+            images = tile_views(images, self.tile_size, self.tile_overlap)
+        chunks = []
+        for sl in track(batches(len(images), self.batch_size), "PatchCore: features"):
+            feats = self._embed(images[sl])
+            chunks.append(feats.reshape(-1, feats.shape[-1]))
+        features = torch.cat(chunks)
+        del chunks
+        index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed)
+        bank = features[index]
+        del features
+        dtype = STORAGE_DTYPES[self.storage_dtype]
+        self.bank_ = bank.to(dtype).float()  # rounded as it will be stored: same scores after reload
+        self.n_patches_ = int(self.grid_[0] * self.grid_[1] * len(images))
+        self._memory = None
+
+    def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""
+        feats = self._embed(images)
+        b, h, w, d = feats.shape
+        with torch.inference_mode():
+            flat = feats.reshape(-1, d)
+            dist, idx = self.memory.nearest(flat, chunk_mb=self.chunk_mb)
+            dist = dist.view(b, h * w)
+            amap = gaussian_blur(upsample(dist.view(b, h, w), self.input_size), self.sigma)
+            if self.reweight:
+                worst = dist.argmax(1)
+                rows = torch.arange(b) * (h * w) + worst
+                weight = reweight_factor(flat[rows], idx[rows, 0], self.memory, self.bank_, self.num_neighbors)
+                amap = amap * weight[:, None, None]
+        return amap, amap.amax(dim=(1, 2))
+
+    def _score(self, images: list[np.ndarray]) -> ScoreResult:
+        if self.tile_size:
+            scores, maps = score_tiled(images, self._maps, tile_size=self.tile_size, overlap=self.tile_overlap,
+                                       work=self.input_size, batch_size=self.batch_size, reduce=self.tile_reduce)
+            return ScoreResult(scores, maps)
+        scores, maps = [], []
+        for sl in track(batches(len(images), self.batch_size), "PatchCore: scoring"):
+            amap, score = self._maps(images[sl])
+            maps.append(amap.numpy())
+            scores.append(score.numpy())
+        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+
+    # ---- persistence ----------------------------------------------------------------------
+    def _state(self) -> dict[str, np.ndarray]:
+        return {
+            "bank": self.bank_.to(STORAGE_DTYPES[self.storage_dtype]).numpy(),
+            "grid": np.asarray(self.grid_, dtype=np.int64),
+            "n_patches": np.asarray([self.n_patches_], dtype=np.int64),
+        }
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._check_settings()
+        bank = state.get("bank")
+        if bank is None or bank.ndim != 2 or bank.shape[0] < 1:
+            raise ModelFormatError("PatchCore model has no memory bank (M, D) in its tensors")
+        expected = self.feature_dim or sum(STAGE_CHANNELS[s] for s in self.stages)
+        if bank.shape[1] != expected:
+            raise ModelFormatError(f"PatchCore memory bank has {bank.shape[1]} features per patch, "
+                                   f"the settings give {expected}")
+        self.bank_ = torch.from_numpy(bank).float()
+        self.grid_ = tuple(int(v) for v in state["grid"])
+        self.n_patches_ = int(np.asarray(state["n_patches"]).reshape(-1)[0])
+        self._memory = None
