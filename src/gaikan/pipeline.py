@@ -171,6 +171,7 @@ class Prediction:
     threshold: float
     error: str = ""
     figure: str = ""
+    p_value: float | None = None  # conformal p-value against the model's calibration scores
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -219,10 +220,12 @@ def predict_files(detector: Detector, inputs: Sequence[str | Path], out_dir: Pat
         if not images:
             continue
         result = detector.score(images)
+        p_values = detector.p_values(result.scores)
         for i, (path, image) in enumerate(zip(readable, images)):
             score = float(result.scores[i])
             verdict = "NG" if score > threshold else "OK"
-            pred = Prediction(str(path), score, verdict, threshold)
+            pred = Prediction(str(path), score, verdict, threshold,
+                              p_value=None if p_values is None else float(p_values[i]))
             if figures:
                 name = _unique_name(path.stem, used_names)
                 amap = None if result.maps is None else result.maps[i]
@@ -241,10 +244,10 @@ def predict_files(detector: Detector, inputs: Sequence[str | Path], out_dir: Pat
 def write_predictions(predictions: Sequence[Prediction], out_dir: Path) -> None:
     with open(out_dir / RESULTS_CSV, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "score", "verdict", "threshold", "error", "figure"])
+        writer.writerow(["path", "score", "verdict", "threshold", "error", "figure", "p_value"])
         for p in predictions:
             writer.writerow([p.path, "" if p.score is None else f"{p.score:.6g}", p.verdict, f"{p.threshold:.6g}",
-                             p.error, p.figure])
+                             p.error, p.figure, "" if p.p_value is None else f"{p.p_value:.6g}"])
     (out_dir / NG_LIST).write_text("".join(f"{p.path}\n" for p in predictions if p.verdict == "NG"))
 
 

@@ -142,6 +142,8 @@ class Detector:
         if len(good) - n_val < 2:
             raise SettingsError(f"{len(good)} good images are too few to hold out {n_val} for calibration; "
                                 "give more good images or validation_fraction=0")
+        if false_alarm_rate is not None:
+            _check_conformal_calibration_size(false_alarm_rate, len(good), n_val, validation_fraction)
         rng = np.random.default_rng(getattr(self, "seed", 0))
         val_idx = np.sort(rng.permutation(good)[:n_val])
         # only supervised detectors learn from defective images; uncertain (-1) rows are never used
@@ -174,6 +176,16 @@ class Detector:
             raise SettingsError(f"threshold method {threshold_method!r} is not available at fit time; "
                                 f"choose one of {', '.join(values)}")
         self.thresholds_ = Thresholds(default_method=threshold_method, values=values)
+
+    def p_values(self, scores) -> np.ndarray | None:
+        """Conformal p-values ``(1 + #{s_i >= s}) / (n + 1)`` of ``scores`` against the stored
+        calibration scores (None when the model has none). Small = unusual for a good part."""
+        from gaikan.evaluation.thresholds import conformal_p_value
+
+        cal = getattr(self, "calibration_scores_", None)
+        if cal is None or len(cal) == 0:
+            return None
+        return np.atleast_1d(conformal_p_value(cal, np.asarray(scores, dtype=np.float64)))
 
     def score(self, images: Sequence[np.ndarray]) -> ScoreResult:
         self._check_fitted()
@@ -228,6 +240,34 @@ def load_detector(path) -> Detector:
     from gaikan.io.model_io import load_detector as _load
 
     return _load(path)
+
+
+def _check_conformal_calibration_size(alpha: float, n_good: int, n_val: int, validation_fraction: float) -> None:
+    """Refuse, before any training, a false-alarm rate the held-out calibration set cannot support,
+    saying how many good images (at this validation fraction) are needed."""
+    import math
+
+    if not 0.0 < alpha < 1.0:
+        raise SettingsError(f"the false-alarm rate must be in (0, 1), got {alpha}")
+    needed = math.ceil(1.0 / alpha - 1.0 - 1e-9)  # n with ceil((n + 1)(1 - alpha)) <= n
+    n_cal = n_val if n_val else n_good
+    if n_cal >= needed:
+        return
+    if validation_fraction > 0:
+        total = needed
+        def held_out(n: int) -> int:
+            return int(round(validation_fraction * n))
+
+        while held_out(total) < needed or total - held_out(total) < 2:
+            total += 1
+        how = (f"at validation fraction {validation_fraction:g} that means at least {total} good images "
+               f"(or a larger validation fraction)")
+    else:
+        how = f"give at least {needed} good images"
+    raise SettingsError(
+        f"false-alarm rate {alpha:g} needs at least {needed} good calibration images for a conformal "
+        f"threshold, but only {n_cal} of the {n_good} good images are held out for calibration; {how}"
+    )
 
 
 def check_images(images) -> list[np.ndarray]:
