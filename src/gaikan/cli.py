@@ -239,6 +239,35 @@ def demo(
                f"model in {out / 'model'}, report in {out / 'report'}")
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (loaded once)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    data_dir: Path = typer.Option(Path("gaikan-service"), "--data-dir",
+                                  help="Where the SQLite inspection log and the stored images live (kept "
+                                       "across restarts)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
+                                          help="Key clients send in the X-API-Key header (required unless "
+                                               "--no-auth)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API key (only allowed on a loopback --host)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MiB (larger: 413)."),
+    max_pixels: int = typer.Option(40_000_000, help="Largest accepted image, width x height (larger: 413)."),
+):
+    """Serve the model over HTTP: POST /v1/inspect, the inspection log, and a web page at /."""
+    import uvicorn
+
+    from gaikan.service.app import check_auth_settings, create_app
+
+    check_auth_settings(api_key, no_auth, host)
+    web = create_app(model, data_dir, api_key, no_auth=no_auth, host=host,
+                     max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    typer.echo(f"gaikan serve: model {web.state.service.model_id} on http://{host}:{port}/ "
+               f"(log in {data_dir})", err=True)
+    uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,107 @@
+"""`gaikan serve` as a real process: requests from several clients, SIGKILL in the middle of the
+traffic, and every inspection a client got an answer for must be in the SQLite log afterwards."""
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+KEY = "kill-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gaikan serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("gaikan serve did not come up")
+
+
+def start_server(model, data_dir, port):
+    env = {**os.environ, "GAIKAN_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gaikan.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--data-dir", str(data_dir)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigkill_loses_no_acknowledged_inspection(service_model, uploads, tmp_path):
+    data_dir, port = tmp_path / "log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(service_model, data_dir, port)
+    acked: list[tuple[int, str, str]] = []  # (id, part id, verdict)
+    errors_after_kill = []
+    stop = threading.Event()
+    images = uploads["good"] + uploads["defect"]
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                part = f"c{k}-{i}"
+                try:
+                    r = c.post("/v1/inspect", files={"file": ("x.png", images[(k + i) % len(images)], "image/png")},
+                               data={"part_id": part})
+                except httpx.HTTPError as exc:  # the server died under us: not acknowledged
+                    errors_after_kill.append(repr(exc))
+                    return
+                assert r.status_code == 200, r.text
+                body = r.json()
+                acked.append((body["id"], part, body["verdict"]))
+                i += 1
+
+    try:
+        wait_healthy(url, proc)
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while len(acked) < 24 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # while requests are in flight
+        proc.wait(timeout=10)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(acked) >= 24, f"only {len(acked)} acknowledged before the deadline"
+    db = sqlite3.connect(data_dir / "inspections.sqlite3")
+    rows = {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, part_id, verdict FROM inspections")}
+    missing = [a for a in acked if rows.get(a[0]) != (a[1], a[2])]
+    assert not missing, f"{len(missing)} acknowledged inspections are not in the log: {missing[:5]}"
+    assert len(rows) >= len(acked)  # at most the in-flight ones were logged without an answer
+    assert len({a[0] for a in acked}) == len(acked)
+    db.close()
+
+    # and the service comes back on the same log
+    port2 = free_port()
+    proc2 = start_server(service_model, data_dir, port2)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port2}", proc2)
+        r = httpx.get(f"http://127.0.0.1:{port2}/v1/inspections", headers={"X-API-Key": KEY})
+        assert r.json()["total"] == len(rows)
+    finally:
+        proc2.terminate()
+        proc2.wait(timeout=20)
