@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean browser-deps
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: install
 	$(BIN)/gaikan demo
 
-test: install
+test: install browser-deps
 	$(BIN)/python -m pytest -q
+
+# headless Chromium + chromedriver (Debian packages) for the @pytest.mark.browser tests
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver) || \
+	  echo "WARNING: could not install chromium/chromium-driver: the browser tests will be SKIPPED" >&2
 
 bench: install
 	$(BIN)/python bench/elpv.py
