@@ -6,4 +6,5 @@ A detector module registers itself here with the settings that keep its checks t
 FAST_SETTINGS = {
     "padim": dict(image_size=96, n_features=40),
     "patchcore": dict(image_size=96, coreset_fraction=0.1),
+    "cnn-classifier": dict(image_size=96, epochs=15),
 }
