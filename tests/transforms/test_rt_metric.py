@@ -80,7 +80,11 @@ def test_good_images_give_small_values(rt, data):
 
 def test_state_round_trip_gives_identical_maps(rt, data):
     again = RTMetric.from_state(rt.settings(), rt.state())
-    np.testing.assert_array_equal(rt.transform(data.test.images[:5]), again.transform(data.test.images[:5]))
+    alone = RTMetric.from_state(rt.state())  # the settings travel in the state too
+    assert alone.settings() == rt.settings()
+    expected = rt.transform(data.test.images[:5])
+    np.testing.assert_array_equal(expected, again.transform(data.test.images[:5]))
+    np.testing.assert_array_equal(expected, alone.transform(data.test.images[:5]))
 
 
 def test_any_dtype_and_colour_are_accepted(rt, data):

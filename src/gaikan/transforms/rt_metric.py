@@ -205,11 +205,29 @@ class RTMetric:
 
     # ---- persistence (plain arrays, for a detector's _state) ----------------------------------
     def state(self) -> dict[str, np.ndarray]:
+        """Plain arrays: the mean image, the per-window means and inverse covariances, and the
+        settings (``settings``: window, stride, image_size or 0, shrinkage, batch_size), so that
+        ``from_state(state)`` alone rebuilds the transform."""
         self._check_fitted()
-        return {"mean_image": self.mean_image_.numpy(), "mu": self.mu_.numpy(), "inv_cov": self.inv_cov_.numpy()}
+        settings = np.array([self.window, self.stride, self.image_size or 0, self.shrinkage, self.batch_size],
+                            dtype=np.float64)
+        return {"mean_image": self.mean_image_.numpy(), "mu": self.mu_.numpy(), "inv_cov": self.inv_cov_.numpy(),
+                "settings": settings}
 
     @classmethod
-    def from_state(cls, settings: dict, state: dict[str, np.ndarray]) -> "RTMetric":
+    def from_state(cls, settings: dict | None, state: dict[str, np.ndarray] | None = None) -> "RTMetric":
+        """Rebuild a fitted transform: ``from_state(settings, state)`` or ``from_state(state)`` (the
+        settings then come from the state's ``settings`` array)."""
+        if state is None:
+            settings, state = None, settings
+        if state is None:
+            raise ModelFormatError("RT metric state is missing")
+        if settings is None:
+            if "settings" not in state:
+                raise ModelFormatError("RT metric state lacks the array 'settings' (and no settings were given)")
+            w, s, size, shrink, bs = (float(v) for v in np.asarray(state["settings"]).ravel()[:5])
+            settings = {"window": int(w), "stride": int(s), "image_size": int(size) or None, "shrinkage": shrink,
+                        "batch_size": int(bs)}
         rt = cls(**settings)
         try:
             mean_image = torch.from_numpy(np.asarray(state["mean_image"], dtype=np.float32))
