@@ -32,6 +32,22 @@ def make_detector(name: str, options: dict[str, str] | None = None) -> Detector:
     return get_detector_class(name).from_options(options or {})
 
 
+EVALUATION_ROWS = ("own", "supervised")
+
+
+def load_evaluation_split(detector_or_class, spec: str, *, seed: int = 0, rows: str = "own") -> DataSplit:
+    """The split to evaluate on: ``rows="own"`` the detector's own protocol (``load_split_for``);
+    ``rows="supervised"`` the supervised protocol's split for any detector (ELPV: the ``split_sup ==
+    test`` rows), so good-only detectors are scored on exactly the rows of the supervised ones. Its
+    train set then also holds defects, which ``fit_detector`` drops for good-only detectors: they fit
+    on the same good rows in both protocols."""
+    if rows not in EVALUATION_ROWS:
+        raise DataError(f"evaluation rows must be one of {', '.join(EVALUATION_ROWS)}, got {rows!r}")
+    if rows == "supervised":
+        return load_data(spec, supervised=True, seed=seed)
+    return load_split_for(detector_or_class, spec, seed=seed)
+
+
 def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: float = 0.1,
                  threshold_method: str = "max-good", false_alarm_rate: float | None = None) -> Detector:
     """Fit on the split's training images (labels passed to supervised detectors)."""
@@ -39,7 +55,12 @@ def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: f
     keep = np.flatnonzero(train.labels >= 0)
     images = [train.images[i] for i in keep]
     labels = train.labels[keep]
-    if not detector.supervised and (labels != 0).any():
+    if getattr(detector, "uses_defects", False) and (labels != 0).any():
+        # detectors that learn an embedding from defects too get one class per defect type: 1, 2, ...
+        types = [train.defect_types[i] for i in keep]
+        names = sorted({t for t, lab in zip(types, labels) if lab != 0})
+        labels = np.array([0 if lab == 0 else 1 + names.index(t) for t, lab in zip(types, labels)], dtype=np.int64)
+    elif not detector.supervised and (labels != 0).any():
         images = [img for img, lab in zip(images, labels) if lab == 0]
         labels = np.zeros(len(images), dtype=np.int64)
     detector.fit(images, labels, validation_fraction=validation_fraction, threshold_method=threshold_method,
@@ -49,8 +70,10 @@ def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: f
 
 
 def load_split_for(detector_or_class, spec: str, *, seed: int = 0) -> DataSplit:
-    """Load ``spec`` with the protocol the detector needs (ELPV ``split_sup`` for supervised ones)."""
-    return load_data(spec, supervised=bool(detector_or_class.supervised), seed=seed)
+    """Load ``spec`` with the protocol the detector needs (ELPV ``split_sup`` for supervised ones and
+    for those that use defective examples when there are some, ``uses_defects``)."""
+    wants_defects = bool(detector_or_class.supervised or getattr(detector_or_class, "uses_defects", False))
+    return load_data(spec, supervised=wants_defects, seed=seed)
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
@@ -106,8 +129,10 @@ def score_set(detector: Detector, images: Sequence[np.ndarray], *, chunk: int = 
 
 
 def evaluate_detector(detector: Detector, split: DataSplit, *, report_dir: Path | None = None,
-                      rows: ImageSet | None = None) -> EvaluationRun:
-    """Score the split's test images (or ``rows``) and compute every metric; plots into report_dir."""
+                      rows: ImageSet | None = None, projection: str = "pca") -> EvaluationRun:
+    """Score the split's test images (or ``rows``) and compute every metric; plots into report_dir
+    (for detectors with ``embed``/``history_`` also the embedding scatter, by ``projection``, and the
+    loss curves)."""
     from gaikan.data.images import resize_mask
 
     test = rows if rows is not None else split.test
@@ -135,12 +160,53 @@ def evaluate_detector(detector: Detector, split: DataSplit, *, report_dir: Path 
     run = EvaluationRun(detector=detector.name, data=split.spec, evaluation=evaluation, seconds=seconds,
                         scores=scores, labels=test.labels, paths=test.paths, maps=maps, spearman_probability=rho)
     if report_dir is not None:
-        write_report(run, detector, test, Path(report_dir))
+        write_report(run, detector, test, Path(report_dir), train=split.train, projection=projection)
     return run
 
 
-def write_report(run: EvaluationRun, detector: Detector, test: ImageSet, report_dir: Path) -> list[Path]:
-    """The evaluation's plots (ROC, PR, histogram, confusion), its JSON and per-image scores."""
+def write_training_plots(detector: Detector, test: ImageSet, report_dir: Path, *, train: ImageSet | None = None,
+                         projection: str = "pca", max_points: int = 2000) -> list[Path]:
+    """Plots of the metric-learning detectors: ``embedding_train.png`` / ``embedding_test.png`` (2-D
+    projection of ``detector.embed``, coloured by class; the test plot uses the train projection) and
+    ``loss_curves.png`` (``detector.history_``: training and validation loss per epoch). Detectors
+    without ``embed`` / ``history_`` get none. At most ``max_points`` images per set (seeded sample)."""
+    from gaikan.evaluation import plots
+    from gaikan.evaluation.embedding import project_2d
+
+    written: list[Path] = []
+    history = getattr(detector, "history_", None) or {}
+    series = {("train" if k == "train_loss" else "validation" if k == "val_loss" else k): list(v)
+              for k, v in history.items() if len(v)}
+    if series:
+        written.append(plots.plot_loss_curves(series, report_dir / "loss_curves.png", title=f"{detector.name}: loss"))
+    if not callable(getattr(detector, "embed", None)):
+        return written
+    rng = np.random.default_rng(0)
+
+    def sample(images_set: ImageSet) -> ImageSet:
+        keep = np.flatnonzero(images_set.labels >= 0)
+        if len(keep) > max_points:
+            keep = np.sort(rng.choice(keep, max_points, replace=False))
+        return images_set.subset(keep)
+
+    test_s = sample(test)
+    base = sample(train) if train is not None and len(train) else test_s
+    emb_base = np.asarray(detector.embed(base.images), dtype=np.float64)
+    emb_test = np.asarray(detector.embed(test_s.images), dtype=np.float64)
+    p_base, p_test = project_2d(emb_base, emb_test, projection)
+    how = "PCA" if projection == "pca" else "t-SNE"
+    if train is not None and len(train):
+        written.append(plots.plot_embedding_scatter(p_base, base.defect_types, report_dir / "embedding_train.png",
+                                                    title=f"{detector.name}: training embeddings ({how})"))
+    written.append(plots.plot_embedding_scatter(p_test, test_s.defect_types, report_dir / "embedding_test.png",
+                                                title=f"{detector.name}: test embeddings ({how})"))
+    return written
+
+
+def write_report(run: EvaluationRun, detector: Detector, test: ImageSet, report_dir: Path, *,
+                 train: ImageSet | None = None, projection: str = "pca") -> list[Path]:
+    """The evaluation's plots (ROC, PR, histogram, confusion; embedding scatter and loss curves for
+    metric-learning detectors, see ``write_training_plots``), its JSON and per-image scores."""
     from gaikan.evaluation import plots
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +218,7 @@ def write_report(run: EvaluationRun, detector: Detector, test: ImageSet, report_
                                    thresholds=ev.thresholds),
         plots.plot_confusion(ev.confusion, report_dir / "confusion.png"),
     ]
+    written += write_training_plots(detector, test, report_dir, train=train, projection=projection)
     (report_dir / "metrics.json").write_text(json.dumps(run.to_json(), indent=2) + "\n")
     with open(report_dir / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -159,7 +226,39 @@ def write_report(run: EvaluationRun, detector: Detector, test: ImageSet, report_
         for path, label, score in zip(run.paths, run.labels, run.scores):
             writer.writerow([path, int(label), f"{score:.6g}", "NG" if score > ev.threshold else "OK"])
     written += [report_dir / "metrics.json", report_dir / "scores.csv"]
+    # report.html last: it embeds every PNG in report_dir, including plots added above
+    written.append(write_html_report_for(run, detector, test, report_dir))
     return written
+
+
+def write_html_report_for(run: EvaluationRun, detector: Detector, test: ImageSet, report_dir: Path) -> Path:
+    """``report.html`` (self-contained) for an evaluation run; see gaikan.evaluation.report."""
+    from collections import Counter
+
+    from gaikan.evaluation.report import write_html_report
+
+    types = Counter(test.defect_types) if getattr(test, "defect_types", None) else {}
+    data_summary = {"data": run.data, "test images": len(run.labels), "good": int((run.labels == 0).sum()),
+                    "defective": int((run.labels == 1).sum()),
+                    "defect types": ", ".join(f"{k}: {v}" for k, v in sorted(types.items()) if k != "good") or "n/a",
+                    "pixel masks": "yes" if test.has_masks else "no"}
+    manifest = getattr(detector, "manifest_", None) or {}
+    fit = getattr(detector, "fit_info_", {}) or {}
+    model_summary = {"detector": detector.name,
+                     "settings": ", ".join(f"{k}={v}" for k, v in detector.settings().items()),
+                     "input size": "x".join(str(v) for v in detector.input_size),
+                     "threshold": f"{detector.thresholds.default_method} = {detector.threshold:.6g}",
+                     "calibration": f"{fit.get('n_calibration', '?')} {fit.get('calibrated_on', '')}".strip(),
+                     "trained on": f"{fit.get('n_train', '?')} images of {fit.get('data', '?')}"}
+    if manifest:
+        from gaikan.io.model_io import model_id
+
+        model_summary["model id"] = model_id(manifest)
+        model_summary["saved"] = manifest.get("created", "?")
+    return write_html_report(report_dir, metrics=run.to_json(), model_summary=model_summary,
+                             data_summary=data_summary, labels=run.labels, scores=run.scores,
+                             threshold=float(run.evaluation.threshold), images=test.images, maps=run.maps,
+                             paths=run.paths)
 
 
 # ---- predict ------------------------------------------------------------------------------------
@@ -172,6 +271,28 @@ class Prediction:
     error: str = ""
     figure: str = ""
     p_value: float | None = None  # conformal p-value against the model's calibration scores
+
+
+RUNTIMES = ("torch", "onnx")
+
+
+def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
+    """What ``predict`` scores with: a saved model directory (runtime "torch") or an exported
+    ``.onnx`` file run by onnxruntime (runtime "onnx", gaikan.export.runtime.OnnxDetector)."""
+    if runtime == "torch":
+        from gaikan.detectors.base import load_detector
+
+        if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
+            raise GaikanError(f"{model} is an ONNX file: use --runtime onnx to score with it")
+        return load_detector(model)
+    if runtime == "onnx":
+        from gaikan.export.runtime import OnnxDetector
+
+        if Path(model).is_dir():
+            raise GaikanError(f"{model} is a model directory; --runtime onnx takes the .onnx file written by "
+                              "`gaikan export`")
+        return OnnxDetector(model, threads=threads)
+    raise GaikanError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
