@@ -86,7 +86,8 @@ def test_locally_aware_features_average_the_neighbourhood_and_upsample():
     x = locally_aware_features([fine, coarse])
     assert x.shape == (1, 5, 8, 8)
     assert x[0, 0, 3:6, 3:6].eq(1.0).all() and x[0, 0].sum() == pytest.approx(9.0)
-    assert torch.allclose(x[0, 2:], torch.ones(3, 8, 8))
+    assert torch.allclose(x[0, 2:, 3:5, 3:5], torch.ones(3, 2, 2))
+    assert x[0, 2, 0, 0] == pytest.approx(4 / 9)  # zero padding counts in the mean (as the reference)
     assert locally_aware_features([fine, coarse], feature_dim=2).shape == (1, 2, 8, 8)
 
 

@@ -3,9 +3,9 @@
 Detection", CVPR 2022). Formulas and choices: docs/patchcore.md.
 
 Features. For taps phi_j (stride 8 and 16 by default: EfficientNet-Lite0 stages 2 and 4), each map is
-averaged over the 3x3 neighbourhood of every position (avg_pool 3x3, stride 1, padding 1, the mean
-over the positions inside the map, so borders are not darkened by zero padding: the paper's
-local aggregation with p = 3), the coarser is upsampled bilinearly to the finer grid and the maps are
+averaged over the 3x3 neighbourhood of every position (avg_pool 3x3, stride 1, zero padding 1 counted
+in the mean, as the reference implementation: the paper's local aggregation with p = 3; excluding the
+padding lowered the ELPV mono AUROC from 0.961 to 0.953), the coarser is upsampled bilinearly to the finer grid and the maps are
 concatenated: one vector x_p in R^D per position (D = 40 + 112 = 152), optionally reduced to
 ``feature_dim`` by adaptive average pooling over the channels as in the paper.
 
@@ -54,7 +54,7 @@ def locally_aware_features(features: list[torch.Tensor], feature_dim: int = 0) -
     size = features[0].shape[-2:]
     parts = []
     for feat in features:
-        feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1)
         if feat.shape[-2:] != size:
             feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
         parts.append(feat)
@@ -292,6 +292,13 @@ class PatchCore(Detector):
             maps.append(amap.numpy())
             scores.append(score.numpy())
         return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+
+    def scoring_module(self) -> torch.nn.Module:
+        """The whole scoring path at the working size as one module for ONNX export
+        (gaikan.detectors.scoring): a float32 (N, 3, H, W) image in [0, 1] -> (scores (N,), maps (N, H, W))."""
+        from gaikan.detectors.scoring import PatchCoreScoring
+
+        return PatchCoreScoring(self).eval()
 
     # ---- persistence ----------------------------------------------------------------------
     def _state(self) -> dict[str, np.ndarray]:
