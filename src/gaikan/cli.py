@@ -118,10 +118,18 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write plots (ROC, PR, histogram, confusion) "
                                           "and per-image scores into this directory."),
     seed: int = typer.Option(0, help="Seed of the folder: hold-out split (use the one given to fit)."),
+    rows: str = typer.Option("own", "--rows", help="Test rows: own (the detector's protocol) or supervised (the "
+                             "supervised protocol's test rows, e.g. ELPV split_sup == test, for any detector, so "
+                             "good-only and supervised detectors are scored on the same images)."),
+    projection: str = typer.Option("pca", "--projection", help="2-D projection of the embedding scatter in "
+                                   "--report (detectors with an embedding): pca or tsne."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file or --report directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """Score the test images of a data set and report image/pixel AUROC, F1, thresholds, confusion."""
+    """Score the test images of a data set and report image/pixel AUROC, F1, thresholds, confusion.
+
+    --report also draws, for metric-learning detectors, the embedding scatter of the training and test
+    images and the training/validation loss curves."""
     from gaikan import pipeline
     from gaikan.detectors.base import load_detector
     from gaikan.io.model_io import prepare_output_dir
@@ -131,9 +139,11 @@ def evaluate(
         raise GaikanError(f"{json_path} already exists; use --force to replace it")
     if report is not None:
         prepare_output_dir(report, overwrite=force, what="report directory")
+    if projection not in ("pca", "tsne"):
+        raise GaikanError(f"--projection {projection!r}: use pca or tsne")
     det = load_detector(model)
-    split = pipeline.load_split_for(det, data, seed=seed)
-    run = pipeline.evaluate_detector(det, split, report_dir=report)
+    split = pipeline.load_evaluation_split(det, data, seed=seed, rows=rows)
+    run = pipeline.evaluate_detector(det, split, report_dir=report, projection=projection)
     result = run.to_json()
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +181,12 @@ def _print_evaluation(result: dict) -> None:
 @user_errors
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
-    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit`."),
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (or, with "
+                                                    "--runtime onnx, the .onnx file written by `gaikan export`)."),
     out: Path = typer.Option(..., "--out", help="Results directory: results.csv, ng_list.txt, figures/."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch: score with the saved model directory; onnx: "
+                                "score with an exported .onnx model through onnxruntime (same results)."),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime threads with --runtime onnx (0 = all cores)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -182,7 +196,7 @@ def predict(
     from gaikan.detectors.base import load_detector
 
     _set_quiet(quiet)
-    det = load_detector(model)
+    det = load_detector(model) if runtime == "torch" else pipeline.load_scorer(model, runtime, threads=threads)
     preds = pipeline.predict_files(det, inputs, out, force=force, figures=not no_figures)
     n_ng = sum(p.verdict == "NG" for p in preds)
     bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
@@ -190,6 +204,101 @@ def predict(
                f"{f', {len(bad)} unreadable' if bad else ''}; results in {out / pipeline.RESULTS_CSV}")
     for p in bad:
         typer.echo(f"unreadable: {p.error}", err=True)
+
+
+@app.command()
+@user_errors
+def export(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore)."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write (refused if it exists, unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+):
+    """Export a fitted model as one ONNX file: the whole scoring path (normalisation, backbone, the
+    detector's head, upsampling, smoothing, image score) with the threshold and settings in its metadata.
+    Score it with `gaikan predict --runtime onnx` or, on a device without torch, `python -m gaikan.edge`."""
+    from gaikan.detectors.base import load_detector
+    from gaikan.export.onnx_export import export_onnx
+
+    if out.exists() and not force:
+        raise GaikanError(f"{out} already exists; use --force to replace it")
+    det = load_detector(model)
+    start = time.perf_counter()
+    export_onnx(det, out, force=force)
+    size_mb = out.stat().st_size / 2**20
+    h, w = det.input_size
+    typer.echo(f"exported {det.name} ({h}x{w}, threshold {det.threshold:.4g}) to {out} ({size_mb:.1f} MB) "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+COMPARE_DETECTORS_HELP = (
+    "Comma-separated detectors to compare; a variant gets settings in brackets and is labelled by the whole "
+    "string, e.g. \"padim,triplet\\[loss=cosine,anchor=mean],triplet\\[loss=euclidean],cnn-classifier\\[input=rt]\" "
+    "(quote it for the shell).")
+
+
+@app.command()
+@user_errors
+def compare(
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    detectors_: str = typer.Option(..., "--detectors", help=COMPARE_DETECTORS_HELP),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="DETECTOR.KEY=VALUE (or "
+                                               "VARIANT.KEY=VALUE), repeatable: a setting for every variant of that "
+                                               "detector; settings in brackets win."),
+    out: Path = typer.Option(..., "--out", help="Directory for compare.json and compare.md (refused if it exists "
+                             "and is not empty, unless --force)."),
+    rows: str = typer.Option("auto", "--rows", help="Test rows: auto (the supervised protocol's test rows, e.g. "
+                             "ELPV split_sup == test, for everyone as soon as one detector learns from defects), "
+                             "own (each detector its own protocol) or supervised."),
+    save_models: bool = typer.Option(False, "--save-models", help="Also save every fitted model under OUT/models/."),
+    validation_fraction: float = typer.Option(0.1, help="Share of the good training images held out to "
+                                                        "calibrate the thresholds."),
+    threshold_method: str = typer.Option("max-good", "--threshold", help="Threshold at which accuracy is "
+                                         "reported: max-good or quantile."),
+    seed: int = typer.Option(0, help="Seed of the folder: hold-out split."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Fit and evaluate several detectors on the same split; one table of image AUROC, accuracy at the
+    model threshold, fit seconds and ms/image, also written as OUT/compare.json and OUT/compare.md."""
+    from rich.table import Table
+
+    from gaikan import compare as cmp
+    from gaikan.io.model_io import prepare_output_dir
+
+    _set_quiet(quiet)
+    prepare_output_dir(out, overwrite=force, what="comparison directory")
+    variants = cmp.parse_variants(detectors_, _parse_options_raw(option))
+
+    def progress(row):
+        status = f"failed: {row.error}" if row.error else f"AUROC {row.image_auroc:.4f}, fit {row.fit_seconds:.1f} s"
+        typer.echo(f"{row.label}: {status}", err=True)
+
+    results = cmp.compare_detectors(data, variants, rows=rows, seed=seed, validation_fraction=validation_fraction,
+                                    threshold_method=threshold_method,
+                                    models_dir=out / "models" if save_models else None,
+                                    on_result=None if quiet else progress)
+    json_path, md_path = cmp.write_comparison(results, out, spec=data, meta={"rows": rows, "seed": seed})
+    table = Table(title=f"Detectors compared on {data}")
+    for col in cmp.TABLE_COLUMNS:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for cells in cmp.table_rows(results):
+        table.add_row(*cells)
+    _console().print(table)
+    typer.echo(f"written {json_path} and {md_path}")
+    failed = [r for r in results if r.error]
+    if failed and len(failed) == len(results):
+        raise GaikanError(f"every detector failed; first: {failed[0].label}: {failed[0].error}")
+
+
+def _parse_options_raw(options: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE strings -> dict, keeping dots in keys (compare's DETECTOR.KEY)."""
+    parsed: dict[str, str] = {}
+    for item in options or []:
+        if "=" not in item:
+            raise GaikanError(f"--option {item!r}: expected DETECTOR.KEY=VALUE")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value.strip()
+    return parsed
 
 
 @app.command()

@@ -211,6 +211,19 @@ class CNNClassifier(Detector):
             scores.append(prob.numpy())
         return ScoreResult(np.concatenate(scores), np.concatenate(maps).astype(np.float32))
 
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, hidden) float32: the globally pooled head activations GAP(A), the layer before the NG
+        logit (for the report's embedding scatter)."""
+        from gaikan.detectors.base import check_images
+
+        self._check_fitted()
+        images = check_images(images)
+        out = []
+        with torch.no_grad():
+            for sl in batches(len(images), 16):
+                out.append(self.head_.activations(self._features(images[sl])).mean(dim=(2, 3)).numpy())
+        return np.concatenate(out).astype(np.float32)
+
     # ---- persistence ---------------------------------------------------------------------------
     def _state(self) -> dict[str, np.ndarray]:
         state = {f"head.{k}": v.detach().numpy() for k, v in self.head_.state_dict().items()}
