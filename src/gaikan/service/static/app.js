@@ -103,7 +103,7 @@ async function showDetail(id) {
       ["verdict", item.verdict], ["score", fmt(item.score, 6)], ["threshold", `${fmt(item.threshold, 6)} (${item.threshold_method})`],
       ["p-value", fmt(item.p_value, 3)], ["time (UTC)", item.created_utc], ["part id", item.part_id || "–"],
       ["image", `${item.image_width}×${item.image_height}, sha256 ${item.image_sha256.slice(0, 16)}…`],
-      ["model", `${item.model_id} (sha256 ${item.model_checksum.slice(0, 16)}…)`], ["time taken", `${fmt(item.timing_ms, 3)} ms`],
+      ["model", `${item.model_id} (sha256 ${item.model_checksum.slice(0, 16)}…)`], ["time taken", `${Math.round(item.timing_ms)} ms`],
     ];
     const table = $("detail-table");
     table.replaceChildren(...rows.map(([k, v]) => {
