@@ -127,7 +127,21 @@ def _truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+def _bomb_png() -> bytes:
+    """A small PNG whose header claims 30000 x 30000 pixels (a decompression bomb): refused from the header."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(np.zeros((8, 8), np.uint8)))
+    ihdr = bytearray(data[16:29])  # width, height, depth, colour type, ...
+    ihdr[0:8] = struct.pack(">II", 30000, 30000)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(data)
+
+
 BAD_INPUTS = [
+    ("decompression bomb", _bomb_png, H, 413, "too large"),
     ("non-image", lambda: b"this is not an image, just text\n" * 10, H, 415, "not an image"),
     ("empty", lambda: b"", H, 422, "empty"),
     ("truncated", _truncated_png, H, 422, "truncated"),

@@ -72,14 +72,15 @@ def test_upload_through_the_page_shows_the_part_as_ng_with_its_heat_map(chrome, 
     chrome.find_element(By.ID, "upload-button").click()
     _wait(chrome, "return document.getElementById('upload-status').textContent.includes('NG')", what="upload result")
     _wait(chrome, "return document.querySelectorAll('.card').length == 2", what="two cards")
-    first = chrome.find_elements(By.CSS_SELECTOR, ".card")[0]  # NG first
-    assert first.get_attribute("data-verdict") == "NG"
-    assert first.find_element(By.CSS_SELECTOR, ".verdict").text == "NG"
-    assert "browser-part-7" in first.text
+    # the grid refreshes itself every 5 s: read it in one script, not through element handles
+    first = chrome.execute_script("const c = document.querySelector('.card');"  # NG first
+                                  "return [c.dataset.verdict, c.querySelector('.verdict').textContent, c.innerText]")
+    assert first[0] == "NG" and first[1] == "NG"
+    assert "browser-part-7" in first[2]
     _wait(chrome, "const c = document.querySelector('.card.NG');"
                   "return c.querySelector('img.heatmap').naturalWidth > 0 && c.querySelector('img.thumb').naturalWidth > 0",
           what="NG thumbnail and heat map to load")
-    first.click()
+    chrome.execute_script("document.querySelector('.card.NG').click()")
     _wait(chrome, "return document.getElementById('detail').open && "
                   "document.getElementById('detail-heatmap').naturalWidth > 0 && "
                   "document.getElementById('detail-overlay').naturalWidth > 0", what="detail view with heat map")
