@@ -181,18 +181,21 @@ def _print_evaluation(result: dict) -> None:
 @user_errors
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
-    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit`."),
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (or, with "
+                                                    "--runtime onnx, the .onnx file written by `gaikan export`)."),
     out: Path = typer.Option(..., "--out", help="Results directory: results.csv, ng_list.txt, figures/."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch: score with the saved model directory; onnx: "
+                                "score with an exported .onnx model through onnxruntime (same results)."),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime threads with --runtime onnx (0 = all cores)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """OK/NG verdict, score and heat-map figure for each image; unreadable files are listed, not fatal."""
     from gaikan import pipeline
-    from gaikan.detectors.base import load_detector
 
     _set_quiet(quiet)
-    det = load_detector(model)
+    det = pipeline.load_scorer(model, runtime, threads=threads)
     preds = pipeline.predict_files(det, inputs, out, force=force, figures=not no_figures)
     n_ng = sum(p.verdict == "NG" for p in preds)
     bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
@@ -200,6 +203,30 @@ def predict(
                f"{f', {len(bad)} unreadable' if bad else ''}; results in {out / pipeline.RESULTS_CSV}")
     for p in bad:
         typer.echo(f"unreadable: {p.error}", err=True)
+
+
+@app.command()
+@user_errors
+def export(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore)."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write (refused if it exists, unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+):
+    """Export a fitted model as one ONNX file: the whole scoring path (normalisation, backbone, the
+    detector's head, upsampling, smoothing, image score) with the threshold and settings in its metadata.
+    Score it with `gaikan predict --runtime onnx` or, on a device without torch, `python -m gaikan.edge`."""
+    from gaikan.detectors.base import load_detector
+    from gaikan.export.onnx_export import export_onnx
+
+    if out.exists() and not force:
+        raise GaikanError(f"{out} already exists; use --force to replace it")
+    det = load_detector(model)
+    start = time.perf_counter()
+    export_onnx(det, out, force=force)
+    size_mb = out.stat().st_size / 2**20
+    h, w = det.input_size
+    typer.echo(f"exported {det.name} ({h}x{w}, threshold {det.threshold:.4g}) to {out} ({size_mb:.1f} MB) "
+               f"in {time.perf_counter() - start:.1f} s")
 
 
 COMPARE_DETECTORS_HELP = (

@@ -154,6 +154,13 @@ class PaDiM(Detector):
             scores.append(amap.amax(dim=(1, 2)).numpy())
         return ScoreResult(np.concatenate(scores), np.concatenate(maps))
 
+    def scoring_module(self) -> torch.nn.Module:
+        """The whole scoring path as one module for ONNX export (gaikan.detectors.scoring): a float32
+        (N, 3, H, W) image in [0, 1] at the working size -> (scores (N,), maps (N, H, W))."""
+        from gaikan.detectors.scoring import PaDiMScoring
+
+        return PaDiMScoring(self).eval()
+
     # ---- persistence: W_p is lower triangular, so only its triangle is stored -----------------
     def _state(self) -> dict[str, np.ndarray]:
         d = self.whiten_.shape[-1]
