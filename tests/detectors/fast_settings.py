@@ -6,5 +6,8 @@ A detector module registers itself here with the settings that keep its checks t
 FAST_SETTINGS = {
     "padim": dict(image_size=96, n_features=40),
     "patchcore": dict(image_size=96, coreset_fraction=0.1),
+    "siamese": dict(image_size=48, epochs=8, batch_size=16),
+    "triplet": dict(image_size=48, epochs=8, batch_size=16),
+    "classifier-embedding": dict(image_size=48, epochs=8, batch_size=16),
     "cnn-classifier": dict(image_size=96, epochs=15),
 }

@@ -4,5 +4,8 @@ from gaikan.detectors.base import Detector, ScoreResult, Thresholds, detector_na
 from gaikan.detectors.classifier import CNNClassifier
 from gaikan.detectors.padim import PaDiM
 from gaikan.detectors.patchcore import PatchCore
+from gaikan.detectors.siamese import SiameseDetector
+from gaikan.detectors.triplet import TripletDetector
+from gaikan.detectors.classifier_embedding import ClassifierEmbeddingDetector
 
-__all__ = ["CNNClassifier", "Detector", "PaDiM", "PatchCore", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]
+__all__ = ["ClassifierEmbeddingDetector", "CNNClassifier", "Detector", "PaDiM", "PatchCore", "SiameseDetector", "TripletDetector", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]
