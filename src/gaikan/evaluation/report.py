@@ -180,7 +180,7 @@ def write_html_report(report_dir, *, metrics: Mapping, model_summary: Mapping, d
             path = case_dir / f"{prefix}_{rank}.png"
             hi = None if amap is None else (float(amap.min()), max(2.0 * threshold, float(amap.max())))
             plot_inspection(images[i], amap, path, threshold=threshold, score=s, verdict=verdict,
-                            title=str(name), map_range=hi)
+                            title=Path(str(name)).name, map_range=hi)
             out.append((path.read_bytes(), caption))
         return out
 
