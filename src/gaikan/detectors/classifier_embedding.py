@@ -32,7 +32,7 @@ class ClassifierEmbeddingDetector(EmbeddingDetector):
                  shrinkage: str = "ledoit-wolf", k: int = 3, augment: bool = False, negatives: str = "auto",
                  synthetic_ratio: float = 1.0, defect_scale: float = 1.0, patience: int = 0,
                  val_fraction: float = 0.15, hidden: Sequence[int] = (256, 256), embedding_dim: int = 128,
-                 stage: int = 4, finetune: bool = False, rt_window: int = 8, rt_stride: int = 4):
+                 stage: int = 4, finetune: bool = False, rt_window: int = 8, rt_stride: int = 2):
         self._init_common(net=net, image_size=image_size, input=input, epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, scoring=scoring, shrinkage=shrinkage, k=k, augment=augment, negatives=negatives,
                           synthetic_ratio=synthetic_ratio, defect_scale=defect_scale, patience=patience,

@@ -200,7 +200,7 @@ class EmbeddingDetector(Detector):
         if self.input == "rt":
             from gaikan.transforms.rt_metric import RTMetric
 
-            self.rt_ = RTMetric(window=self.rt_window, stride=self.rt_stride).fit(list(x_good))
+            self.rt_ = RTMetric(window=self.rt_window, stride=self.rt_stride, image_size=self.image_size).fit(list(x_good))
         x_all = self._transform(np.concatenate([x_good, x_neg]))
         c_all = np.r_[np.zeros(len(x_good), np.int64), c_neg]
         good_inputs = x_all[: len(x_good)]
@@ -220,7 +220,8 @@ class EmbeddingDetector(Detector):
         xt = torch.from_numpy(np.ascontiguousarray(x_all[~val]))
         xv = torch.from_numpy(np.ascontiguousarray(x_all[val])) if val.any() else None
         self.history_ = self._train_net(xt, c_all[~val], xv, c_all[val] if val.any() else None)
-        self.train_info_ = {"negatives": mode, "n_good": len(x_good), "n_negative": len(x_neg)}
+        self.train_info_ = {"negatives": mode, "n_good": len(x_good), "n_negative": len(x_neg),
+                            "classes": np.unique(c_all).tolist()}
         emb_good = self._embed_inputs(torch.from_numpy(np.ascontiguousarray(good_inputs)))
         self._fit_scoring(emb_good)
 
