@@ -59,6 +59,7 @@ class CompareRow:
     f1_max: float | None = None
     fit_seconds: float | None = None
     ms_per_image: float | None = None
+    latency_ms: float | None = None  # median of single-image scoring (batch 1), when asked for
     confusion: dict | None = None
     error: str = ""
 
@@ -132,11 +133,12 @@ def parse_variants(text: str, options: dict[str, str] | None = None) -> list[Var
 
 def compare_detectors(spec: str, variants: Sequence[Variant], *, rows: str = "auto", seed: int = 0,
                       validation_fraction: float = 0.1, threshold_method: str = "max-good",
-                      models_dir: Path | None = None, on_result=None) -> list[CompareRow]:
+                      models_dir: Path | None = None, on_result=None, latency_images: int = 0) -> list[CompareRow]:
     """Fit and evaluate every variant on ``spec``; one CompareRow each (a failed run keeps its error).
 
     ``models_dir``: also save each fitted model there (one folder per variant). ``on_result`` is
-    called with each row as soon as it is done (progress output).
+    called with each row as soon as it is done (progress output). ``latency_images`` > 0: also time
+    scoring one image at a time on that many test images (after one warm-up) and report the median.
     """
     from gaikan import pipeline
     from gaikan.data.datasets import load_data
@@ -144,11 +146,11 @@ def compare_detectors(spec: str, variants: Sequence[Variant], *, rows: str = "au
     if rows not in ROWS:
         raise SettingsError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     detectors = [v.make() for v in variants]
-    any_supervised = any(d.supervised for d in detectors)
+    any_supervised = any(_learns_from_defects(d) for d in detectors)
     splits: dict[bool, object] = {}
     results = []
     for variant, det in zip(variants, detectors):
-        sup_rows = rows == "supervised" or (rows == "auto" and any_supervised) or det.supervised
+        sup_rows = rows == "supervised" or (rows == "auto" and any_supervised) or _learns_from_defects(det)
         row = CompareRow(label=variant.label, detector=variant.detector, options=dict(variant.options),
                          rows="supervised" if sup_rows else "own")
         if sup_rows not in splits:
@@ -171,6 +173,8 @@ def compare_detectors(spec: str, variants: Sequence[Variant], *, rows: str = "au
             row.f1_max = out["f1_max"]
             row.ms_per_image = out["ms_per_image"]
             row.confusion = {k: out["confusion"][k] for k in ("tn", "fp", "fn", "tp")}
+            if latency_images > 0:
+                row.latency_ms = round(_latency_ms(det, split.test.images, latency_images), 2)
             if models_dir is not None:
                 det.save(Path(models_dir) / _safe(variant.label))
         except GaikanError as exc:
@@ -179,6 +183,20 @@ def compare_detectors(spec: str, variants: Sequence[Variant], *, rows: str = "au
         if on_result is not None:
             on_result(row)
     return results
+
+
+def _learns_from_defects(det: Detector) -> bool:
+    return bool(det.supervised or getattr(det, "uses_defects", False))
+
+
+def _latency_ms(det: Detector, images: Sequence[np.ndarray], n: int) -> float:
+    det.score([images[0]])  # warm-up
+    times = []
+    for img in list(images)[:n]:
+        start = time.perf_counter()
+        det.score([img])
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
 
 
 def _safe(label: str) -> str:
