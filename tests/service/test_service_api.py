@@ -63,7 +63,7 @@ def test_good_part_is_ok_and_defective_part_is_ng_with_p_values_and_a_logged_row
     assert b["p_value"] == pytest.approx(conformal_p_value(det.calibration_scores_, b["score"]))
     assert b["p_value"] <= ALPHA < g["p_value"]
     assert b["model_id"] == g["model_id"] and b["model_id"].startswith("padim-")
-    assert set(b["timing"]) >= {"decode_ms", "score_ms", "total_ms"}
+    assert set(b["timing"]) >= {"decode_ms", "queue_ms", "score_ms", "render_ms", "total_ms"}
     for kind in ("image", "thumb", "heatmap", "overlay"):
         r = client.get(b["links"][kind], headers=H)
         assert r.status_code == 200, kind

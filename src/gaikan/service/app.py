@@ -143,6 +143,7 @@ class InspectionService:
             tmp.unlink(missing_ok=True)
         t1 = time.perf_counter()
         with self._score_lock:
+            t_locked = time.perf_counter()
             result = self.detector.score([image])
             p_values = self.detector.p_values(result.scores)
         t2 = time.perf_counter()
@@ -154,7 +155,8 @@ class InspectionService:
         image_sha, image_ext = self.store.put_blob(data, kind)
         blobs = {k: self.store.put_blob(v, "png")[0] for k, v in pictures.items()}
         t3 = time.perf_counter()
-        timing = {"decode_ms": 1000 * (t1 - t0), "score_ms": 1000 * (t2 - t1), "render_ms": 1000 * (t3 - t2)}
+        timing = {"decode_ms": 1000 * (t1 - t0), "queue_ms": 1000 * (t_locked - t1),
+                  "score_ms": 1000 * (t2 - t_locked), "render_ms": 1000 * (t3 - t2)}
         row = self.store.add(
             part_id=part_id, image_sha256=image_sha, image_ext=image_ext, image_width=width, image_height=height,
             thumb_sha256=blobs.get("thumb"), heatmap_sha256=blobs.get("heatmap"),
