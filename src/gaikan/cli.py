@@ -26,6 +26,20 @@ DATA_HELP = ("Data spec: elpv:mono | elpv:poly (the fixed ELPV split), mvtec:PAT
 QUIET_HELP = "No progress bars."
 
 
+@app.callback()
+def _global_options(
+    threads: int = typer.Option(0, "--threads", help="CPU threads torch uses in every command, given before it "
+                                "(gaikan --threads 1 fit ...); 0 = torch's default (all cores)."),
+):
+    """gaikan (外観): visual inspection that tells OK from NG parts on a CPU."""
+    if threads < 0:
+        _fail(f"--threads must be >= 0, got {threads}")
+    if threads:
+        from gaikan.pipeline import set_threads
+
+        set_threads(threads)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)

@@ -27,6 +27,16 @@ NG_LIST = "ng_list.txt"
 UNREADABLE = "UNREADABLE"
 
 
+def set_threads(threads: int) -> None:
+    """Let torch use ``threads`` CPU threads (intra-op) for the rest of the process; 0 leaves the default."""
+    if threads < 0:
+        raise GaikanError(f"threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 # ---- fit ----------------------------------------------------------------------------------------
 def make_detector(name: str, options: dict[str, str] | None = None) -> Detector:
     return get_detector_class(name).from_options(options or {})

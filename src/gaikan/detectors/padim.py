@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from gaikan.backbones.features import FeatureExtractor, prepare_batch
 from gaikan.detectors.base import Detector, ScoreResult, register
 from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.tiling import check_tiling, score_tiled, tile_views
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.progress import batches, track
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def embed(features: list[torch.Tensor], channel_index: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -86,20 +89,36 @@ class PaDiM(Detector):
         n_features: d, the number of randomly chosen channels (seeded).
         eps: covariance regularisation eps * I.
         sigma: Gaussian smoothing of the anomaly map, in working-size pixels.
-        batch_size: images per forward pass.
+        batch_size: images (or tiles) per forward pass.
+        storage_dtype: "float32" or "float16" whitening matrices in the saved model (float16 halves
+            it; the matrices are rounded at fit time so scores are the same before saving and after
+            loading; scoring computes in float32).
+        tile_size, tile_overlap, tile_reduce: tiling of large images (gaikan.detectors.tiling);
+            tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
         seed: seeds the channel choice and the validation split.
     """
 
     def __init__(self, image_size: int = 224, stages: Sequence[int] = (1, 2, 4), n_features: int = 100,
-                 eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, seed: int = 0):
+                 eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
+                 tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", seed: int = 0):
         self.image_size = int(image_size)
         self.stages = tuple(int(s) for s in stages)
         self.n_features = int(n_features)
         self.eps = float(eps)
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
+        self.storage_dtype = str(storage_dtype)
+        self.tile_size = int(tile_size)
+        self.tile_overlap = float(tile_overlap)
+        self.tile_reduce = str(tile_reduce)
         self.seed = int(seed)
         self._extractor: FeatureExtractor | None = None
+        self._tap_offsets: list[int] | None = None
+
+    def _check_settings(self) -> None:
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise SettingsError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+        check_tiling(self.tile_size, self.tile_overlap, self.tile_reduce)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -109,7 +128,9 @@ class PaDiM(Detector):
         return self._extractor
 
     def _offsets(self) -> list[int]:
-        return [0] + list(np.cumsum(self.extractor.channels)[:-1])
+        if self._tap_offsets is None:  # computed once, not per batch
+            self._tap_offsets = [0] + [int(v) for v in np.cumsum(self.extractor.channels)[:-1]]
+        return self._tap_offsets
 
     def _embed_batch(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images -> (B, P, d) embeddings and remember the grid shape."""
@@ -120,6 +141,9 @@ class PaDiM(Detector):
         return emb.flatten(2).transpose(1, 2).contiguous()
 
     def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
+        self._check_settings()
+        if self.tile_size:
+            images = tile_views(images, self.tile_size, self.tile_overlap)
         total = sum(self.extractor.channels)
         if not 1 <= self.n_features <= total:
             raise SettingsError(f"n_features must be in 1..{total} for stages {self.stages}, got {self.n_features}")
@@ -140,18 +164,28 @@ class PaDiM(Detector):
             centred = (emb - shift).transpose(0, 1)  # (P, B, d)
             sum_x += centred.sum(1)
             sum_xxt += torch.bmm(centred.transpose(1, 2), centred)
-        mean_centred, self.whiten_ = whitening_factors(sum_x, sum_xxt, len(images), self.eps)
+        mean_centred, whiten = whitening_factors(sum_x, sum_xxt, len(images), self.eps)
+        self.whiten_ = whiten.to(STORAGE_DTYPES[self.storage_dtype]).float()  # rounded as it will be stored
         self.mean_ = mean_centred + shift
 
+    def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""
+        emb = self._embed_batch(images)
+        with torch.inference_mode():
+            dist = mahalanobis(emb, self.mean_, self.whiten_).view(-1, *self.grid_)
+            amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+        return amap, amap.amax(dim=(1, 2))
+
     def _score(self, images: list[np.ndarray]) -> ScoreResult:
+        if self.tile_size:
+            scores, maps = score_tiled(images, self._maps, tile_size=self.tile_size, overlap=self.tile_overlap,
+                                       work=self.input_size, batch_size=self.batch_size, reduce=self.tile_reduce)
+            return ScoreResult(scores, maps)
         scores, maps = [], []
         for sl in track(batches(len(images), self.batch_size), "PaDiM: scoring"):
-            emb = self._embed_batch(images[sl])
-            with torch.inference_mode():
-                dist = mahalanobis(emb, self.mean_, self.whiten_).view(-1, *self.grid_)
-                amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+            amap, score = self._maps(images[sl])
             maps.append(amap.numpy())
-            scores.append(amap.amax(dim=(1, 2)).numpy())
+            scores.append(score.numpy())
         return ScoreResult(np.concatenate(scores), np.concatenate(maps))
 
     def scoring_module(self) -> torch.nn.Module:
@@ -168,11 +202,12 @@ class PaDiM(Detector):
         return {
             "channel_index": self.channel_index_.numpy(),
             "mean": self.mean_.numpy(),
-            "whiten_tril": self.whiten_[:, rows, cols].numpy(),
+            "whiten_tril": self.whiten_[:, rows, cols].to(STORAGE_DTYPES[self.storage_dtype]).numpy(),
             "grid": np.asarray(self.grid_, dtype=np.int64),
         }
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._check_settings()
         self.channel_index_ = torch.from_numpy(state["channel_index"]).long()
         self.mean_ = torch.from_numpy(state["mean"]).float()
         n_pos, d = self.mean_.shape

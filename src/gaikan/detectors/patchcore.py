@@ -28,6 +28,7 @@ bank entries of m* (m* included).
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -251,13 +252,17 @@ class PatchCore(Detector):
         self._check_settings()
         if self.tile_size:
             images = tile_views(images, self.tile_size, self.tile_overlap)
+        start = time.perf_counter()
         chunks = []
         for sl in track(batches(len(images), self.batch_size), "PatchCore: features"):
             feats = self._embed(images[sl])
             chunks.append(feats.reshape(-1, feats.shape[-1]))
         features = torch.cat(chunks)
         del chunks
+        middle = time.perf_counter()
         index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed)
+        #: seconds of the two parts of the last fit (not saved; for benchmarks)
+        self.fit_seconds_ = {"features": middle - start, "coreset": time.perf_counter() - middle}
         bank = features[index]
         del features
         dtype = STORAGE_DTYPES[self.storage_dtype]
