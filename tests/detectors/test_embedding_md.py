@@ -62,7 +62,8 @@ def test_knn_matches_a_plain_loop():
 def test_defects_train_the_net_but_calibration_uses_held_out_goods_only():
     train_x, train_y, _, _ = digits_task(n_good_train=60, n_defect_train=20)
     det = TripletDetector(**{**FAST_DIGITS, "epochs": 2}).fit(train_x, train_y, validation_fraction=0.2)
-    assert det.fit_info_["n_calibration"] == 12 and det.fit_info_["n_train"] == 48
+    assert det.fit_info_["n_calibration"] == 12 and det.fit_info_["n_train"] == 48 + 20
+    assert det.fit_info_["n_train_defective"] == 20
     assert det.train_info_ == {"negatives": "real", "n_good": 48, "n_negative": 20, "classes": [0, 1]}
     both = TripletDetector(**{**FAST_DIGITS, "epochs": 1}, negatives="both").fit(train_x, train_y)
     assert both.train_info_["negatives"] == "both" and both.train_info_["n_negative"] == 20 + 54

@@ -162,7 +162,12 @@ class EmbeddingDetector(Detector):
             if not good:
                 raise SettingsError("no good (label 0) images to learn from")
         try:
-            return super().fit(good, None, **kwargs)
+            super().fit(good, None, **kwargs)
+            n_defective = len(self._given_defects[0]) if self.train_info_["negatives"] in ("real", "both") else 0
+            self.fit_info_["n_train"] += n_defective
+            self.fit_info_["n_train_defective"] = n_defective
+            self.fit_info_["negatives"] = self.train_info_["negatives"]
+            return self
         finally:
             del self._given_defects
 
