@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 ALPHA = 0.1
-API_KEY = "test-key-0123456789"
 
 
 def png(arr) -> bytes:
