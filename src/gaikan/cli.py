@@ -321,7 +321,9 @@ def detectors():
 
     for name in detector_names():
         cls = get_detector_class(name)
-        kind = "supervised" if cls.supervised else "good images only"
+        kind = ("supervised" if cls.supervised else
+                "good images; also learns from defects when the data has them" if getattr(cls, "uses_defects", False)
+                else "good images only")
         typer.echo(f"{name} ({kind}): settings {', '.join(cls.setting_names())}")
 
 
