@@ -28,3 +28,14 @@ def test_efficientnet_head_on_injected_defects(defect_split, tmp_path):
     again = load_detector(tmp_path / "m")  # only the head is saved; the frozen backbone is rebuilt
     assert not any(k.startswith("net.backbone") for k in again.manifest_["tensors"]["arrays"])
     np.testing.assert_array_equal(again.score(test.images[:4]).scores, det.score(test.images[:4]).scores)
+
+
+def test_finetuned_backbone_is_saved_and_reloaded(defect_split, tmp_path):
+    det = ClassifierEmbeddingDetector(net="efficientnet", stage=2, finetune=True, image_size=32, epochs=1,
+                                      batch_size=16)
+    det.fit(defect_split.train.images[:20])
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    assert any(k.startswith("net.backbone") for k in again.manifest_["tensors"]["arrays"])
+    images = defect_split.test.images[:4]
+    np.testing.assert_array_equal(again.score(images).scores, det.score(images).scores)
