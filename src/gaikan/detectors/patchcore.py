@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,12 +73,15 @@ def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
     return torch.randn(dim_in, dim_out, generator=gen) / math.sqrt(dim_out)
 
 
-def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0) -> torch.Tensor:
+def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Greedy k-center selection on points given TRANSPOSED, (D, N) contiguous (the fast layout for
     the per-iteration product v^T X). Returns the (n_select,) indices, ``start`` first.
 
     min_d holds each point's squared distance to the selected set; each iteration adds its argmax and
     updates min_d with ||x||^2 - 2 x.c + ||c||^2 for the new centre c: O(N D) per iteration, no N x N.
+    The selection is incremental: its first k indices are the k-center selection of size k.
+    ``progress(i)``, when given, is called after the (i + 1)-th selection.
     """
     _, n = points_t.shape
     n_select = min(int(n_select), n)
@@ -95,6 +98,8 @@ def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0) -> t
         torch.minimum(min_d, buf[0], out=min_d)
         min_d[idx] = 0.0  # exact for the chosen point whatever the rounding
         idx = int(torch.argmax(min_d))
+        if progress is not None:
+            progress(i)
     return selected
 
 
@@ -103,7 +108,8 @@ def kcenter_greedy(points: torch.Tensor, n_select: int, start: int = 0) -> torch
     return kcenter_greedy_t(points.t().contiguous().float(), n_select, start)
 
 
-def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: int = 128, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Indices of the coreset of ``fraction`` of the (N, D) features (at least one), chosen by greedy
     k-center on a seeded random projection to ``projection_dim`` (no projection when 0 or >= D)."""
     n, d = features.shape
@@ -117,7 +123,7 @@ def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: i
         points_t = torch.mm(proj.t(), features.t())  # (k, N), contiguous, no copy of the features
     else:
         points_t = features.t().contiguous()
-    return kcenter_greedy_t(points_t, n_select, start)
+    return kcenter_greedy_t(points_t, n_select, start, progress)
 
 
 class MemoryBank:
@@ -248,17 +254,20 @@ class PatchCore(Detector):
         self.grid_ = tuple(feats.shape[-2:])
         return feats.permute(0, 2, 3, 1).contiguous()
 
+    def patch_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        """All patch features of the images, (N * h * w, D), extracted in batches."""
+        chunks = []
+        for sl in track(batches(len(images), self.batch_size), "PatchCore: features"):
+            feats = self._embed(images[sl])
+            chunks.append(feats.reshape(-1, feats.shape[-1]))
+        return torch.cat(chunks)
+
     def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
         self._check_settings()
         if self.tile_size:
             images = tile_views(images, self.tile_size, self.tile_overlap)
         start = time.perf_counter()
-        chunks = []
-        for sl in track(batches(len(images), self.batch_size), "PatchCore: features"):
-            feats = self._embed(images[sl])
-            chunks.append(feats.reshape(-1, feats.shape[-1]))
-        features = torch.cat(chunks)
-        del chunks
+        features = self.patch_features(images)
         middle = time.perf_counter()
         index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed)
         #: seconds of the two parts of the last fit (not saved; for benchmarks)
@@ -272,7 +281,10 @@ class PatchCore(Detector):
 
     def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""
-        feats = self._embed(images)
+        return self._maps_from_features(self._embed(images))
+
+    def _maps_from_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w, D) patch features -> (maps (B, S, S), scores (B,))."""
         b, h, w, d = feats.shape
         with torch.inference_mode():
             flat = feats.reshape(-1, d)
