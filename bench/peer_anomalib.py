@@ -233,7 +233,7 @@ def _time_batch1(score_one, cells, warmup: int = 5) -> dict:
         score_one(cell)
         times.append(1000 * (time.perf_counter() - t))
     return {"latency_ms": statistics.median(times), "latency_ms_mean": statistics.fmean(times), "runs": len(times),
-            "score_peak_rss_mb": peak_rss_mb()}
+            "latency_ms_min": min(times), "score_peak_rss_mb": peak_rss_mb(), "load_average": os.getloadavg()}
 
 
 # ---- gaikan (runs in the project's venv) ----------------------------------------------------------
@@ -352,6 +352,10 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-runs", type=int, default=40)
     parser.add_argument("--install-timeout", type=float, default=900)
     parser.add_argument("--only", default="", help="comma list of jobs to (re)run, e.g. peer-patchcore")
+    parser.add_argument("--render", action="store_true", help="only rewrite peer.md from peer.json")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-take only the latency steps, with the models the last run saved (its fit "
+                             "results kept), so that every latency row is taken in the same few minutes")
     # worker modes
     parser.add_argument("--peer-check", action="store_true")
     parser.add_argument("--worker", choices=["peer-fit", "peer-latency", "gaikan-fit", "gaikan-latency"])
@@ -371,6 +375,9 @@ def main(argv=None) -> int:
         import timm  # noqa: F401
 
         return 0
+    if args.render:
+        (RESULTS / "peer.md").write_text(markdown(json.loads((RESULTS / "peer.json").read_text())))
+        return 0
     if args.worker:
         fn = {"peer-fit": peer_fit, "peer-latency": peer_latency, "gaikan-fit": gaikan_fit,
               "gaikan-latency": gaikan_latency}[args.worker]
@@ -385,7 +392,8 @@ def orchestrate(args) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_path = RESULTS / "peer.json"
-    previous = json.loads(results_path.read_text()) if results_path.exists() and args.only else {}
+    keep = args.only or args.latency_only
+    previous = json.loads(results_path.read_text()) if results_path.exists() and keep else {}
     install = ensure_peer_venv(args.install_timeout)
     print(f"peer venv: {install}", flush=True)
     split_path = write_split(args.type)
@@ -415,8 +423,10 @@ def orchestrate(args) -> int:
     for name, steps in jobs.items():
         if only and name not in only:
             continue
-        row = {}
+        row = dict(rows.get(name, {})) if args.latency_only else {}
         for step, python, job_args in steps:
+            if args.latency_only and step == "fit":
+                continue
             print(f"{name}: {step} ...", flush=True)
             result = run_job(python, *job_args)
             if "error" in result:
@@ -433,8 +443,14 @@ def orchestrate(args) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "peer_install": install, "peer_packages": PEER_PACKAGES, "runs": rows,
         "quoted_reference": QUOTED_REFERENCE,
-        "command": "bench/.venv/bin/python bench/peer_anomalib.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python bench/peer_anomalib.py " + " ".join(sys.argv[1:]),
+        "notes": previous.get("notes", []),
     }
+    if keep:
+        report["command"] = previous.get("command", report["command"])
+        report["notes"].append(f"{time.strftime('%H:%M')}: re-ran " + ("the latency steps of every row "
+                               "(fits kept)" if args.latency_only else args.only) + " with `"
+                               + " ".join(sys.argv[1:]) + "`")
     results_path.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "peer.md").write_text(markdown(report))
     print((RESULTS / "peer.md").read_text())
@@ -454,8 +470,12 @@ def markdown(report: dict) -> str:
         f"the model and scores). gaikan PatchCore coreset {report['gaikan_coreset_fraction']:.3g}, anomalib "
         f"PatchCore coreset {report['peer_coreset_fraction']:.3g}.",
         "",
-        "| library | method | runtime | image AUROC | fit s | fit peak RSS MB | latency ms | score peak RSS MB | model MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "The machine (2 cores) is shared with other jobs while this runs: the load average column is the "
+        "1-minute load when the latency was taken; with a load far above 2 every time is inflated, the "
+        "minimum is the least disturbed figure, and only rows taken at similar load compare well.",
+        "",
+        "| library | method | runtime | image AUROC | fit s | fit peak RSS MB | latency ms median (min) | score peak RSS MB | model MB | load avg |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in report["runs"].items():
         lib, method = name.split("-", 1)
@@ -470,15 +490,17 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {'anomalib' if lib == 'peer' else 'gaikan'} | {method}{err} | {runtime} | "
                 f"{f(row.get('image_auroc'), '{:.3f}')} | {f(fit.get('fit_s'))} | {f(fit.get('fit_peak_rss_mb'), '{:.0f}')} | "
-                f"{f(lat.get('latency_ms'))} | {f(lat.get('score_peak_rss_mb'), '{:.0f}')} | "
-                f"{f(None if size is None else size / 2**20)} |")
+                f"{f(lat.get('latency_ms'))} ({f(lat.get('latency_ms_min'))}) | "
+                f"{f(lat.get('score_peak_rss_mb'), '{:.0f}')} | {f(None if size is None else size / 2**20)} | "
+                f"{f((lat.get('load_average') or [None])[0])} |")
     for method, q in report["quoted_reference"].items():
         lines.append(f"| anomalib (QUOTED, not measured in this run) | {method} | torch | {q['image_auroc']:.3f} | "
-                     f"{q['fit_s']:.0f} | {q['fit_peak_rss_mb']:.0f} | {q['latency_ms']:.0f} | n/a | n/a |")
+                     f"{q['fit_s']:.0f} | {q['fit_peak_rss_mb']:.0f} | {q['latency_ms']:.0f} | n/a | n/a | n/a |")
     lines += ["", "Quoted row: " + "; ".join(q["note"] for q in report["quoted_reference"].values()) + ".",
               "", f"Peer install: {'ok' if report['peer_install']['installed'] else 'FAILED'} "
               f"({', '.join(report['peer_packages'])}) {report['peer_install'].get('note', '')[:300]}",
-              "", f"Re-make: `{report['command']}`", ""]
+              "", f"Re-make: `{report['command']}`"]
+    lines += [f"Note: {note}" for note in report.get("notes", [])] + [""]
     return "\n".join(lines)
 
 
