@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from gaikan.backbones.features import STAGE_CHANNELS, FeatureExtractor, prepare_batch
 from gaikan.detectors.base import Detector, ScoreResult, register
 from gaikan.detectors.maps import gaussian_blur, upsample
-from gaikan.detectors.tiling import check_tiling, score_tiled, tile_views
+from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.progress import batches, track
 
@@ -299,16 +299,7 @@ class PatchCore(Detector):
         return amap, amap.amax(dim=(1, 2))
 
     def _score(self, images: list[np.ndarray]) -> ScoreResult:
-        if self.tile_size:
-            scores, maps = score_tiled(images, self._maps, tile_size=self.tile_size, overlap=self.tile_overlap,
-                                       work=self.input_size, batch_size=self.batch_size, reduce=self.tile_reduce)
-            return ScoreResult(scores, maps)
-        scores, maps = [], []
-        for sl in track(batches(len(images), self.batch_size), "PatchCore: scoring"):
-            amap, score = self._maps(images[sl])
-            maps.append(amap.numpy())
-            scores.append(score.numpy())
-        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+        return score_patch_detector(self, images, "PatchCore: scoring")
 
     def scoring_module(self) -> torch.nn.Module:
         """The whole scoring path at the working size as one module for ONNX export

@@ -133,3 +133,22 @@ def score_tiled(images: Sequence[np.ndarray], maps_fn: Callable[[list[np.ndarray
                 F.interpolate(a[None, None], size=out_shape, mode="bilinear", align_corners=False)[0, 0]
                 for a in acc]
     return scores.numpy(), torch.stack(stitched).numpy()
+
+
+def score_patch_detector(detector, images: Sequence[np.ndarray], description: str):
+    """The ``_score`` of the patch detectors (PaDiM, PatchCore): batches of ``detector._maps`` at the
+    working size, or overlapping tiles stitched back when ``detector.tile_size`` is set."""
+    from gaikan.detectors.base import ScoreResult
+    from gaikan.progress import batches, track
+
+    if detector.tile_size:
+        scores, maps = score_tiled(images, detector._maps, tile_size=detector.tile_size,
+                                   overlap=detector.tile_overlap, work=detector.input_size,
+                                   batch_size=detector.batch_size, reduce=detector.tile_reduce)
+        return ScoreResult(scores, maps)
+    scores, maps = [], []
+    for sl in track(batches(len(images), detector.batch_size), description):
+        amap, score = detector._maps(list(images[sl]))
+        maps.append(amap.numpy())
+        scores.append(score.numpy())
+    return ScoreResult(np.concatenate(scores), np.concatenate(maps))
