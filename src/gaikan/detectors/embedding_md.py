@@ -242,6 +242,31 @@ class EmbeddingDetector(Detector):
     def _train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, patience=self.patience, seed=self.seed)
 
+    def _train_sampled(self, xt, ct, xv, cv, sample, loss, per_sample: int, description: str):
+        """Train the net on tuples (pairs or triplets) drawn each epoch by
+        ``sample(classes, n, rng, mean_index=...) -> index arrays`` and scored by
+        ``loss(pool, *index_arrays, rng=..., augment=...)``; validation tuples are drawn once."""
+        from gaikan.metric_learning.training import train_network
+
+        pool, index, val_pool, val_index = anchor_pools(xt, ct, xv, self.anchor)
+        n = epoch_size(len(ct), self.batch_size, per_sample)
+
+        def make_batches(rng):
+            parts = sample(ct, n, rng, mean_index=index)
+            return [tuple(part[sl] for part in parts) for sl in batches(n, self.batch_size)]
+
+        def batch_loss(batch, rng):
+            return loss(pool, *batch, rng=rng, augment=True)
+
+        val_loss = None
+        if xv is not None:
+            val_parts = sample(cv, max(2 * len(cv), 32), np.random.default_rng(self.seed + 1), mean_index=val_index)
+
+            def val_loss():
+                return float(loss(val_pool, *val_parts))
+
+        return train_network(self.net_, make_batches, batch_loss, val_loss, self._train_settings(), description)
+
     def _forward(self, x: torch.Tensor, *, augment: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Net inputs (B, 1, H, W) -> embeddings (B, D); standardised by the good images' mean and std."""
         if augment and self.augment:

@@ -16,11 +16,9 @@ import numpy as np
 import torch
 
 from gaikan.detectors.base import register
-from gaikan.detectors.embedding_md import EmbeddingDetector, anchor_pools, epoch_size
+from gaikan.detectors.embedding_md import EmbeddingDetector
 from gaikan.metric_learning.losses import contrastive_loss
 from gaikan.metric_learning.sampling import ANCHORS, check_choice, sample_pairs
-from gaikan.metric_learning.training import train_network
-from gaikan.progress import batches
 
 
 @register("siamese")
@@ -53,23 +51,4 @@ class SiameseDetector(EmbeddingDetector):
         return contrastive_loss(emb[: len(i)], emb[len(i):], torch.from_numpy(same), self.margin)
 
     def _train_net(self, xt, ct, xv, cv):
-        pool, index, val_pool, val_index = anchor_pools(xt, ct, xv, self.anchor)
-        n = epoch_size(len(ct), self.batch_size, 2)
-
-        def make_batches(rng):
-            i, j, same = sample_pairs(ct, n, rng, mean_index=index)
-            return [(i[sl], j[sl], same[sl]) for sl in batches(n, self.batch_size)]
-
-        def batch_loss(batch, rng):
-            return self._pair_loss(pool, *batch, rng=rng, augment=True)
-
-        val_loss = None
-        if xv is not None:
-            vi, vj, vs = sample_pairs(cv, max(2 * len(cv), 32), np.random.default_rng(self.seed + 1),
-                                      mean_index=val_index)
-
-            def val_loss():
-                return float(self._pair_loss(val_pool, vi, vj, vs))
-
-        return train_network(self.net_, make_batches, batch_loss, val_loss, self._train_settings(),
-                             f"siamese ({self.net}): epochs")
+        return self._train_sampled(xt, ct, xv, cv, sample_pairs, self._pair_loss, 2, f"siamese ({self.net}): epochs")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gaikan.detectors.base import register
-from gaikan.detectors.embedding_md import EmbeddingDetector, anchor_pools, epoch_size
+from gaikan.detectors.embedding_md import EmbeddingDetector
 from gaikan.metric_learning.losses import DISTANCES, default_margin, pairwise_distance, triplet_from_distances, triplet_loss
 from gaikan.metric_learning.sampling import (ANCHORS, MINING, check_choice, mine_batch_hard, mine_semi_hard,
                                              sample_triplets)
@@ -85,26 +85,8 @@ class TripletDetector(EmbeddingDetector):
     def _train_net(self, xt, ct, xv, cv):
         if self.mining != "none":
             return self._train_mined(xt, ct, xv, cv)
-        pool, index, val_pool, val_index = anchor_pools(xt, ct, xv, self.anchor)
-        n = epoch_size(len(ct), self.batch_size, 3)
-
-        def make_batches(rng):
-            a, p, ng = sample_triplets(ct, n, rng, mean_index=index)
-            return [(a[sl], p[sl], ng[sl]) for sl in batches(n, self.batch_size)]
-
-        def batch_loss(batch, rng):
-            return self._triplet_loss(pool, *batch, rng=rng, augment=True)
-
-        val_loss = None
-        if xv is not None:
-            va, vp, vn = sample_triplets(cv, max(2 * len(cv), 32), np.random.default_rng(self.seed + 1),
-                                         mean_index=val_index)
-
-            def val_loss():
-                return float(self._triplet_loss(val_pool, va, vp, vn))
-
-        return train_network(self.net_, make_batches, batch_loss, val_loss, self._train_settings(),
-                             f"triplet ({self.net}, {self.loss}): epochs")
+        return self._train_sampled(xt, ct, xv, cv, sample_triplets, self._triplet_loss, 3,
+                                   f"triplet ({self.net}, {self.loss}): epochs")
 
     def _train_mined(self, xt, ct, xv, cv):
         means = mean_ids = None
