@@ -9,7 +9,7 @@
 
 Images are read and prepared exactly as the torch path does (``gaikan.data.images.read_image``, then
 ``to_float01``, alpha dropped, Pillow bilinear resize per channel in mode "F" to the working size,
-gray replicated to RGB: ``gaikan.backbones.features.prepare_image``), then fed to the graph as
+gray replicated to RGB: ``gaikan.data.images.prepare_image``, shared with the torch path), then fed to the graph as
 float32 (N, 3, H, W) in [0, 1]. This module imports only numpy, Pillow, onnxruntime and the
 torch-free parts of gaikan (``gaikan.errors``, ``gaikan.data.images``); a test keeps it that way.
 """
@@ -24,26 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-from gaikan.data.images import read_image, resize, to_float01
+from gaikan.data.images import prepare_image, read_image
 from gaikan.errors import GaikanError, ModelFormatError, SettingsError
 
 FORMAT_NAME = "gaikan-onnx"  # = gaikan.export.onnx_export.FORMAT_NAME (not imported: that module needs torch)
 READS_FORMAT_VERSIONS = (1,)
-
-
-def prepare_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One image (any dtype, gray or colour) -> float32 (3, H, W) in [0, 1] at ``size``; the same
-    steps and the same numbers as ``gaikan.backbones.features.prepare_image``."""
-    img = to_float01(image)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.shape[:2] != tuple(size):
-        img = resize(img, size)
-    if img.ndim == 2:
-        return np.repeat(img[None], 3, axis=0).astype(np.float32, copy=False)
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _check_image(img, i: int) -> np.ndarray:

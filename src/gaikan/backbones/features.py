@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gaikan.backbones.efficientnet_lite import INPUT_MEAN, INPUT_STD, LITE0_STAGES, load_pretrained_lite0
-from gaikan.data.images import resize, to_float01
+from gaikan.data.images import prepare_image  # noqa: F401 - re-exported: the backbone input of one image
 from gaikan.errors import SettingsError
 
 STAGE_CHANNELS = [stage[5] for stage in LITE0_STAGES]
@@ -78,23 +78,6 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(INPUT_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
     std = torch.tensor(INPUT_STD, dtype=batch.dtype).view(1, 3, 1, 1)
     return (batch - mean) / std
-
-
-def prepare_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One image (any dtype, gray or colour) -> float32 (3, H, W) in [0, 1] at ``size``.
-
-    Grayscale is resized once and replicated to the three channels the RGB backbone expects.
-    """
-    img = to_float01(image)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.shape[:2] != tuple(size):
-        img = resize(img, size)
-    if img.ndim == 2:
-        return np.repeat(img[None], 3, axis=0).astype(np.float32, copy=False)
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 
 
 def prepare_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

@@ -330,3 +330,20 @@ def list_images(folder) -> list[Path]:
         for p in folder.iterdir()
         if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     )
+
+
+def prepare_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One image (any dtype, gray or colour) -> float32 (3, H, W) in [0, 1] at ``size``.
+
+    Grayscale is resized once and replicated to the three channels the RGB backbone expects.
+    """
+    img = to_float01(image)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.shape[:2] != tuple(size):
+        img = resize(img, size)
+    if img.ndim == 2:
+        return np.repeat(img[None], 3, axis=0).astype(np.float32, copy=False)
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
