@@ -26,23 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from measure import dir_size_mb, peak_rss_mb
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = HERE / ".work"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def dir_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
 def phase_fit(kind: str, settings: dict) -> dict:
