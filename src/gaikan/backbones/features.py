@@ -1,15 +1,16 @@
 """Pretrained feature taps and the image -> tensor preparation every CNN detector shares.
 
-Taps are named by the stage of EfficientNet-Lite0 they end (timm's ``blocks.N`` numbering):
+Taps are named by the stage of EfficientNet-Lite they end (timm's ``blocks.N`` numbering); channels
+of Lite0 and Lite1 / of Lite2:
 
     stage  stride  channels
-      0      2        16
-      1      4        24      <- like ResNet layer1
-      2      8        40      <- like ResNet layer2
-      3     16        80
-      4     16       112      <- like ResNet layer3
-      5     32       192
-      6     32       320
+      0      2      16 / 16
+      1      4      24 / 24      <- like ResNet layer1
+      2      8      40 / 48      <- like ResNet layer2
+      3     16      80 / 88
+      4     16     112 / 120     <- like ResNet layer3
+      5     32     192 / 208
+      6     32     320 / 352
 """
 
 from __future__ import annotations
@@ -20,34 +21,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from gaikan.backbones.efficientnet_lite import INPUT_MEAN, INPUT_STD, LITE0_STAGES, load_pretrained_lite0
+from gaikan.backbones.efficientnet_lite import INPUT_MEAN, INPUT_STD, VARIANTS, lite_stages, load_pretrained
 from gaikan.data.images import prepare_image  # noqa: F401 - re-exported: the backbone input of one image
 from gaikan.errors import SettingsError
 
-STAGE_CHANNELS = [stage[5] for stage in LITE0_STAGES]
+BACKBONES = tuple(VARIANTS)
 STAGE_STRIDES = [2, 4, 8, 16, 16, 32, 32]
-# index of the last block of each stage in the flat block list
-_STAGE_END = list(np.cumsum([stage[0] for stage in LITE0_STAGES]) - 1)
+
+
+def stage_channels(backbone: str = "lite0") -> list[int]:
+    """Channels of each stage's output for a backbone variant."""
+    return [stage[5] for stage in lite_stages(backbone)]
+
+
+def _stage_end(backbone: str) -> list[int]:
+    """Index of the last block of each stage in the flat block list."""
+    return [int(v) for v in np.cumsum([stage[0] for stage in lite_stages(backbone)]) - 1]
+
+
+STAGE_CHANNELS = stage_channels("lite0")
 
 
 class FeatureExtractor(nn.Module):
-    """EfficientNet-Lite0 truncated after the deepest requested stage; returns one map per tap.
+    """EfficientNet-Lite (``backbone`` lite0 | lite1 | lite2) truncated after the deepest requested
+    stage; returns one map per tap.
 
     Input: (B, 3, H, W) float tensor already normalised (see ``prepare_batch``).
     Output: list of (B, C_i, H / stride_i, W / stride_i) tensors, in the order of ``stages``.
     """
 
-    def __init__(self, stages: Sequence[int] = (1, 2, 4)):
+    def __init__(self, stages: Sequence[int] = (1, 2, 4), backbone: str = "lite0"):
         super().__init__()
         stages = [int(s) for s in stages]
         if not stages or any(s < 0 or s > 6 for s in stages):
             raise SettingsError(f"backbone stages must be in 0..6, got {stages}")
+        if len(set(stages)) != len(stages):
+            raise SettingsError(f"backbone stages must not repeat, got {stages}")
+        if backbone not in BACKBONES:
+            raise SettingsError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
         self.stages = stages
-        net = load_pretrained_lite0()
-        last_block = _STAGE_END[max(stages)]
+        self.backbone = backbone
+        net = load_pretrained(backbone)
+        ends = _stage_end(backbone)
+        last_block = ends[max(stages)]
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
         self._blocks = nn.ModuleList(net._blocks[: last_block + 1])
-        self._tap_after = {_STAGE_END[s]: s for s in stages}
+        self._tap_after = {ends[s]: s for s in stages}
+        self._stage_channels = stage_channels(backbone)
         # channels_last runs the depthwise convolutions 1.5x faster on CPU (bench/elpv.py notes)
         self.to(memory_format=torch.channels_last)
         self.eval()
@@ -56,7 +76,7 @@ class FeatureExtractor(nn.Module):
 
     @property
     def channels(self) -> list[int]:
-        return [STAGE_CHANNELS[s] for s in self.stages]
+        return [self._stage_channels[s] for s in self.stages]
 
     @property
     def strides(self) -> list[int]:
