@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from gaikan.errors import GaikanError
+from gaikan.errors import GaikanError, SettingsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gaikan (外観): visual inspection that tells OK from NG parts on a CPU.")
@@ -86,7 +86,11 @@ def _console():
 @user_errors
 def fit(
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    detector: str = typer.Option("padim", "--detector", help="Detector name (see `gaikan detectors`)."),
+    detector: str = typer.Option("padim", "--detector", help="Detector name (see `gaikan detectors`), or auto: "
+                                 "choose the detector and settings from held-out goods with synthetic defects "
+                                 "(options holdout=0.3, budget=4: at most that many default fits' time on the "
+                                 "selection, image_size=N: one working size for every candidate; the saved model "
+                                 "is the chosen detector, its manifest has the table)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-o",
                                                help="Detector setting KEY=VALUE, repeatable (e.g. n_features=100)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write (refused if it exists, unless --force)."),
@@ -109,11 +113,16 @@ def fit(
     prepare_output_dir(out, overwrite=force, what="model directory")
     if false_alarm_rate is not None and threshold_method == "max-good":
         threshold_method = "conformal"
-    det = pipeline.make_detector(detector, _parse_options(option))
-    split = pipeline.load_split_for(det, data, seed=seed)
     start = time.perf_counter()
-    pipeline.fit_detector(det, split, validation_fraction=validation_fraction, threshold_method=threshold_method,
-                          false_alarm_rate=false_alarm_rate)
+    if detector == "auto":
+        det = _fit_auto(data, _parse_options(option), seed=seed, validation_fraction=validation_fraction,
+                        threshold_method=threshold_method, false_alarm_rate=false_alarm_rate)
+    else:
+        det = pipeline.make_detector(detector, _parse_options(option))
+        split = pipeline.load_split_for(det, data, seed=seed)
+        start = time.perf_counter()
+        pipeline.fit_detector(det, split, validation_fraction=validation_fraction,
+                              threshold_method=threshold_method, false_alarm_rate=false_alarm_rate)
     seconds = time.perf_counter() - start
     det.fit_info_["seconds"] = round(seconds, 2)
     det.save(out, overwrite=force)
@@ -121,6 +130,34 @@ def fit(
     typer.echo(f"fitted {det.name} on {info['n_train']} images of {data} in {seconds:.1f} s; "
                f"threshold {det.thresholds.default_method} = {det.threshold:.4g} "
                f"(from {info['n_calibration']} {info['calibrated_on']}); saved to {out}")
+
+
+AUTO_OPTIONS = {"holdout": float, "budget": float, "image_size": int}
+
+
+def _fit_auto(data: str, options: dict[str, str], *, seed: int, **fit_kwargs):
+    """`fit --detector auto`: the selection (gaikan.auto) on the good-only protocol's training images,
+    its table printed, the winner fitted."""
+    from gaikan import pipeline
+    from gaikan.auto import Selection, SelectionRow
+
+    unknown = set(options) - set(AUTO_OPTIONS)
+    if unknown:
+        raise SettingsError(f"auto has no setting {sorted(unknown)[0]!r}; its settings are: {', '.join(AUTO_OPTIONS)}")
+    try:
+        kwargs = {k: AUTO_OPTIONS[k](v) for k, v in options.items()}
+    except ValueError as exc:
+        raise SettingsError(f"auto setting: {exc}") from None
+    if "image_size" in kwargs:
+        kwargs["overrides"] = {"image_size": kwargs.pop("image_size")}
+    split = pipeline.load_data(data, seed=seed)
+    det = pipeline.fit_auto(split, seed=seed, **kwargs, **fit_kwargs)
+    sel = det.fit_info_["selection"]
+    table = Selection(**{**sel, "rows": [SelectionRow(**r) for r in sel["rows"]]})
+    typer.echo(f"auto: {sel['n_fit']} goods to fit, {sel['n_check_good']} held-out goods + "
+               f"{sel['n_synthetic']} synthetic defects + {sel['n_real_defects']} real defects to check; "
+               f"{sel['seconds']:.1f} s\n{table.markdown()}")
+    return det
 
 
 @app.command()

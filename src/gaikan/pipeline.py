@@ -79,6 +79,25 @@ def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: f
     return detector
 
 
+def fit_auto(split: DataSplit, *, holdout: float = 0.3, budget: float = 4.0, seed: int = 0,
+             overrides: dict | None = None, grid=None, validation_fraction: float = 0.1,
+             threshold_method: str = "max-good", false_alarm_rate: float | None = None,
+             progress=None) -> Detector:
+    """``--detector auto``: select a detector and settings on the split's training images only
+    (gaikan.auto), then fit the winner like any detector; the table goes into ``fit_info_``."""
+    from gaikan.auto import DEFAULT_GRID, select_detector
+
+    train = split.train
+    keep = np.flatnonzero(train.labels >= 0)
+    det, selection = select_detector([train.images[i] for i in keep], train.labels[keep],
+                                     grid=grid or DEFAULT_GRID, holdout=holdout, budget=budget, seed=seed,
+                                     overrides=overrides, progress=progress)
+    fit_detector(det, split, validation_fraction=validation_fraction, threshold_method=threshold_method,
+                 false_alarm_rate=false_alarm_rate)
+    det.fit_info_["selection"] = selection.to_dict()
+    return det
+
+
 def load_split_for(detector_or_class, spec: str, *, seed: int = 0) -> DataSplit:
     """Load ``spec`` with the protocol the detector needs (ELPV ``split_sup`` for supervised ones and
     for those that use defective examples when there are some, ``uses_defects``)."""
@@ -268,7 +287,7 @@ def write_html_report_for(run: EvaluationRun, detector: Detector, test: ImageSet
     return write_html_report(report_dir, metrics=run.to_json(), model_summary=model_summary,
                              data_summary=data_summary, labels=run.labels, scores=run.scores,
                              threshold=float(run.evaluation.threshold), images=test.images, maps=run.maps,
-                             paths=run.paths)
+                             paths=run.paths, selection=fit.get("selection"))
 
 
 # ---- predict ------------------------------------------------------------------------------------

@@ -11,3 +11,14 @@ FAST_SETTINGS = {
     "classifier-embedding": dict(image_size=48, epochs=8, batch_size=16),
     "cnn-classifier": dict(image_size=96, epochs=15),
 }
+
+#: new options of a detector pass the same checks: label -> (detector name, settings)
+VARIANTS = {name: (name, settings) for name, settings in FAST_SETTINGS.items()}
+VARIANTS.update({
+    "padim[gaussian=shared,n_features=0]": ("padim", dict(image_size=96, n_features=0, gaussian="shared")),
+    "padim[backbone=lite1,stages=1,2,3]": ("padim", dict(image_size=96, backbone="lite1", stages=(1, 2, 3),
+                                                         n_features=40)),
+    "patchcore[stages=1,2,4]": ("patchcore", dict(image_size=96, stages=(1, 2, 4), coreset_fraction=0.05)),
+    "patchcore[backbone=lite2]": ("patchcore", dict(image_size=96, backbone="lite2", coreset_fraction=0.1)),
+})
+

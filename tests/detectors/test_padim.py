@@ -4,7 +4,7 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from gaikan.detectors.maps import gaussian_blur
-from gaikan.detectors.padim import PaDiM, mahalanobis, whitening_factors
+from gaikan.detectors.padim import PaDiM, embed, mahalanobis, whitening_factors
 from gaikan.evaluation.metrics import image_auroc, pixel_auroc
 
 
@@ -80,3 +80,52 @@ def test_an_unsupervised_detector_never_learns_from_defective_images(defect_spli
                                                                         if lab == 0])
     assert with_labels.fit_info_["n_train_defective"] == 0
     assert torch.equal(with_labels.whiten_, goods_only.whiten_)
+
+
+def _all_embeddings(det, images):
+    """(N, P, d) float64 embeddings of the fitted detector's channels, one image at a time."""
+    return np.concatenate([det._embed_batch([img]).double().numpy() for img in images])
+
+
+def _whitened_distance_loop(x, mean, cov):
+    inv = np.linalg.inv(cov)
+    return np.sqrt((x - mean) @ inv @ (x - mean))
+
+
+@pytest.mark.parametrize("accumulate", [1, 5, 64])
+def test_streamed_fit_equals_the_covariance_of_all_embeddings(defect_split, accumulate):
+    """The chunked float32 products added into float64 totals give each position's sample covariance
+    (+ eps I), whatever the chunk size: checked against numpy's covariance of all embeddings."""
+    images = defect_split.train.images[:14]
+    det = PaDiM(image_size=64, n_features=12, batch_size=3, accumulate=accumulate,
+                eps=0.01).fit(images, validation_fraction=0)
+    emb = _all_embeddings(det, images)
+    np.testing.assert_allclose(det.mean_.numpy(), emb.mean(0), rtol=1e-4, atol=1e-5)
+    x = emb[0, :, :] + 0.3
+    dist = mahalanobis(torch.from_numpy(x[None]).float(), det.mean_, det.whiten_).numpy()[0]
+    for p in range(0, emb.shape[1], 37):
+        cov = np.cov(emb[:, p], rowvar=False) + 0.01 * np.eye(12)
+        assert dist[p] == pytest.approx(_whitened_distance_loop(x[p], emb[:, p].mean(0), cov), rel=2e-3)
+
+
+def test_shared_gaussian_is_one_gaussian_over_every_position(defect_split):
+    """gaussian="shared": one mean and covariance over the patches of all positions and images; the
+    distance of every patch is to that one Gaussian (checked with a loop over a few patches)."""
+    images = defect_split.train.images[:10]
+    det = PaDiM(image_size=64, n_features=10, gaussian="shared").fit(images, validation_fraction=0)
+    assert det.mean_.shape == (1, 10) and det.whiten_.shape == (1, 10, 10)
+    emb = _all_embeddings(det, images).reshape(-1, 10)
+    cov = np.cov(emb, rowvar=False) + det.eps * np.eye(10)
+    probe = _all_embeddings(det, [defect_split.test.images[0]])[0]
+    dist = mahalanobis(torch.from_numpy(probe[None]).float(), det.mean_, det.whiten_).numpy()[0]
+    for p in (0, 17, 100, len(probe) - 1):
+        assert dist[p] == pytest.approx(_whitened_distance_loop(probe[p], emb.mean(0), cov), rel=2e-3)
+
+
+def test_n_features_zero_keeps_every_channel_and_shared_model_ranks_defects(defect_split):
+    det = PaDiM(image_size=96, n_features=0, gaussian="shared").fit(defect_split.train.images)
+    assert det.channel_index_.tolist() == list(range(sum(det.extractor.channels)))
+    scores = det.score(defect_split.test.images).scores
+    assert image_auroc(defect_split.test.labels, scores) >= 0.9
+    with pytest.raises(Exception, match="gaussian must be one of"):
+        PaDiM(gaussian="global").fit(defect_split.train.images[:4])

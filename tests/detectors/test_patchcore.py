@@ -49,6 +49,31 @@ def test_greedy_coreset_is_seeded_and_covers_the_data():
     assert greedy_coreset(x, 1.0).tolist() == list(range(200))
 
 
+def _covering_radius(points: torch.Tensor, chosen: torch.Tensor) -> float:
+    return float(torch.cdist(points, points[chosen]).min(1).values.max())
+
+
+def test_chunked_coreset_selection_keeps_the_size_and_the_cover():
+    """The linear-cost selection (chunks of the patches in a seeded order, f of each) returns exactly
+    round(f N) distinct patches, equals exact greedy when N <= chunk, and covers the data nearly as well
+    as exact greedy: its covering radius (the farthest patch from the bank, what PatchCore's scores
+    measure) stays within 1.5x that of the exact selection on clustered data, as long as each chunk's
+    share of the bank (here 100) exceeds the number of clusters (40). (With fewer picks per chunk than
+    clusters a chunk cannot cover its own clusters: docs/patchcore.md says why the default chunk is large.)"""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(40, 24)) * 6
+    x = torch.from_numpy(centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 24))).float()
+    exact = greedy_coreset(x, 0.1, projection_dim=0, seed=2)
+    assert torch.equal(greedy_coreset(x, 0.1, projection_dim=0, seed=2, chunk=4000), exact)
+    chunked = greedy_coreset(x, 0.1, projection_dim=0, seed=2, chunk=1000)
+    assert len(chunked) == len(exact) == 400 and len(set(chunked.tolist())) == 400
+    assert torch.equal(chunked, greedy_coreset(x, 0.1, projection_dim=0, seed=2, chunk=1000))
+    assert _covering_radius(x, chunked) <= 1.5 * _covering_radius(x, exact)
+    # a random subset of the same size covers worse than either selection
+    random_pick = torch.from_numpy(rng.choice(4000, 400, replace=False))
+    assert _covering_radius(x, random_pick) > _covering_radius(x, chunked)
+
+
 def test_chunked_nearest_distance_matches_brute_force():
     rng = np.random.default_rng(4)
     bank = rng.normal(size=(300, 16)) + 5.0  # an offset makes the norm expansion work for its precision

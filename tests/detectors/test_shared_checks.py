@@ -9,13 +9,14 @@ from gaikan.detectors.base import get_detector_class, load_detector
 from gaikan.errors import GaikanError, NotFittedError, SettingsError
 from gaikan.evaluation.metrics import image_auroc
 
-from fast_settings import FAST_SETTINGS
+from fast_settings import VARIANTS
 
-NAMES = sorted(FAST_SETTINGS)
+NAMES = sorted(VARIANTS)
 
 
-def _make(name):
-    return get_detector_class(name)(**FAST_SETTINGS[name])
+def _make(label):
+    name, settings = VARIANTS[label]
+    return get_detector_class(name)(**settings)
 
 
 def _fit(det, split):

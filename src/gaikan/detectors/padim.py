@@ -12,6 +12,15 @@ position of a batch is then one batched matrix product. The distance map is upsa
 size, smoothed with a Gaussian (sigma 4) and the image score is its maximum.
 
 Fitting streams: only the per-position sums of x and x x^T are kept (float64), never all features.
+The outer products of a chunk of ``accumulate`` images are one float32 batched product on features
+centred by the first batch's mean (well conditioned), then added to the float64 totals: the float64
+addition of P x d x d numbers is the expensive part, so it happens once per chunk, not per batch.
+
+``gaussian="shared"`` is the position-independent variant for stationary textures (a part whose
+surface looks the same everywhere, photographed at no fixed position): one Gaussian N(mu, Sigma) over
+the patches of every position, M(x_p) = || W (x_p - mu) ||. It needs far fewer images (every image
+gives P samples) and does not care where the texture's pattern falls in the frame.
+``n_features=0`` keeps every channel of the taps (d = sum of the taps' channels).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.progress import batches, track
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+GAUSSIANS = ("per-position", "shared")
 
 
 def embed(features: list[torch.Tensor], channel_index: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -75,8 +85,21 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> to
     One batched matrix product over all positions; no loop over positions or images.
     """
     diff = (x - mean[None]).transpose(0, 1)  # (P, B, d)
+    if whiten.shape[0] == 1:  # one shared Gaussian: a plain product over every patch of the batch
+        y = diff.reshape(-1, diff.shape[-1]) @ whiten[0].t()
+        return y.square().sum(-1).clamp_min(0).sqrt().view(diff.shape[0], diff.shape[1]).transpose(0, 1)
     y = torch.bmm(diff, whiten.transpose(1, 2))  # (P, B, d): row b is W_p diff_bp
     return y.square().sum(-1).clamp_min(0).sqrt().transpose(0, 1)
+
+
+def moment_sums(samples: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of (x - shift) and (x - shift)(x - shift)^T over the samples of each group.
+
+    samples: (G, S, d) float32, S samples of each of G groups (positions, or one shared group);
+    shift: (G, d). One float32 batched matrix product; callers add the result to float64 totals.
+    """
+    centred = samples - shift[:, None, :]
+    return centred.sum(1), torch.bmm(centred.transpose(1, 2), centred)
 
 
 @register("padim")
@@ -85,8 +108,11 @@ class PaDiM(Detector):
 
     Settings:
         image_size: working size in pixels (images are resized to image_size x image_size).
+        backbone: "lite0", "lite1" or "lite2" (EfficientNet-Lite, ImageNet weights).
         stages: backbone stages tapped (see gaikan.backbones.features); the first sets the grid.
-        n_features: d, the number of randomly chosen channels (seeded).
+        n_features: d, the number of randomly chosen channels (seeded); 0 keeps them all.
+        gaussian: "per-position" (PaDiM: one Gaussian per grid position) or "shared" (one Gaussian
+            for the patches of all positions: stationary textures).
         eps: covariance regularisation eps * I.
         sigma: Gaussian smoothing of the anomaly map, in working-size pixels.
         batch_size: images (or tiles) per forward pass.
@@ -95,15 +121,20 @@ class PaDiM(Detector):
             loading; scoring computes in float32).
         tile_size, tile_overlap, tile_reduce: tiling of large images (gaikan.detectors.tiling);
             tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
+        accumulate: images whose outer products are summed in one float32 product before the float64
+            totals are updated (memory: accumulate x positions x d floats).
         seed: seeds the channel choice and the validation split.
     """
 
-    def __init__(self, image_size: int = 224, stages: Sequence[int] = (1, 2, 4), n_features: int = 100,
-                 eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
-                 tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", seed: int = 0):
+    def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (1, 2, 4),
+                 n_features: int = 100, gaussian: str = "per-position", eps: float = 0.01, sigma: float = 4.0,
+                 batch_size: int = 8, storage_dtype: str = "float32", tile_size: int = 0,
+                 tile_overlap: float = 0.25, tile_reduce: str = "max", accumulate: int = 32, seed: int = 0):
         self.image_size = int(image_size)
+        self.backbone = str(backbone)
         self.stages = tuple(int(s) for s in stages)
         self.n_features = int(n_features)
+        self.gaussian = str(gaussian)
         self.eps = float(eps)
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
@@ -111,11 +142,16 @@ class PaDiM(Detector):
         self.tile_size = int(tile_size)
         self.tile_overlap = float(tile_overlap)
         self.tile_reduce = str(tile_reduce)
+        self.accumulate = int(accumulate)
         self.seed = int(seed)
         self._extractor: FeatureExtractor | None = None
         self._tap_offsets: list[int] | None = None
 
     def _check_settings(self) -> None:
+        if self.gaussian not in GAUSSIANS:
+            raise SettingsError(f"gaussian must be one of {', '.join(GAUSSIANS)}, got {self.gaussian!r}")
+        if self.accumulate < 1 or self.batch_size < 1:
+            raise SettingsError("accumulate and batch_size must be at least 1")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise SettingsError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         check_tiling(self.tile_size, self.tile_overlap, self.tile_reduce)
@@ -124,7 +160,7 @@ class PaDiM(Detector):
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.stages)
+            self._extractor = FeatureExtractor(self.stages, self.backbone)
         return self._extractor
 
     def _offsets(self) -> list[int]:
@@ -145,26 +181,47 @@ class PaDiM(Detector):
         if self.tile_size:
             images = tile_views(images, self.tile_size, self.tile_overlap)
         total = sum(self.extractor.channels)
-        if not 1 <= self.n_features <= total:
-            raise SettingsError(f"n_features must be in 1..{total} for stages {self.stages}, got {self.n_features}")
+        if not 0 <= self.n_features <= total:
+            raise SettingsError(f"n_features must be in 0..{total} for stages {self.stages} (0 = all), "
+                                f"got {self.n_features}")
         if len(images) < 2:
             raise SettingsError("PaDiM needs at least 2 good training images")
         rng = np.random.default_rng(self.seed)
-        self.channel_index_ = torch.from_numpy(np.sort(rng.choice(total, self.n_features, replace=False)))
+        if self.n_features in (0, total):
+            self.channel_index_ = torch.arange(total)
+        else:
+            self.channel_index_ = torch.from_numpy(np.sort(rng.choice(total, self.n_features, replace=False)))
+        shared = self.gaussian == "shared"
         # Sums of (x - shift) and its outer products; the shift (the first batch's mean) keeps the
         # float32 products well conditioned, the running totals are float64.
         shift = sum_x = sum_xxt = None
+        pending: list[torch.Tensor] = []
+        n_pending = 0
+
+        def flush():
+            nonlocal sum_x, sum_xxt, n_pending
+            sx, sxx = moment_sums(torch.cat(pending, dim=1), shift)
+            if sum_x is None:
+                sum_x = torch.zeros(sx.shape, dtype=torch.float64)
+                sum_xxt = torch.zeros(sxx.shape, dtype=torch.float64)
+            sum_x.add_(sx)
+            sum_xxt.add_(sxx)  # float32 added into the float64 totals, no float64 copy
+            pending.clear()
+            n_pending = 0
+
         for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
             emb = self._embed_batch(images[sl])  # (B, P, d)
+            groups = emb.reshape(1, -1, emb.shape[-1]) if shared else emb.transpose(0, 1)  # (G, S, d)
             if shift is None:
-                shift = emb.mean(0)
-                n_pos, d = shift.shape
-                sum_x = torch.zeros(n_pos, d, dtype=torch.float64)
-                sum_xxt = torch.zeros(n_pos, d, d, dtype=torch.float64)
-            centred = (emb - shift).transpose(0, 1)  # (P, B, d)
-            sum_x += centred.sum(1)
-            sum_xxt += torch.bmm(centred.transpose(1, 2), centred)
-        mean_centred, whiten = whitening_factors(sum_x, sum_xxt, len(images), self.eps)
+                shift = groups.mean(1)
+            pending.append(groups)
+            n_pending += emb.shape[0]
+            if n_pending >= self.accumulate:
+                flush()
+        if pending:
+            flush()
+        n_samples = len(images) * (self.grid_[0] * self.grid_[1] if shared else 1)
+        mean_centred, whiten = whitening_factors(sum_x, sum_xxt, n_samples, self.eps)
         self.whiten_ = whiten.to(STORAGE_DTYPES[self.storage_dtype]).float()  # rounded as it will be stored
         self.mean_ = mean_centred + shift
 

@@ -15,7 +15,12 @@ start from a random patch, then repeatedly add the patch farthest from the selec
 
     c_{i+1} = argmax_x min_{c in C_i} || psi(x) - psi(c) ||_2 ,
 
-keeping one min-distance vector updated with a single matrix-vector product per iteration.
+keeping one min-distance vector updated with a single matrix-vector product per iteration. Exact
+greedy costs k x N products for a bank of k = f N patches out of N: quadratic in N. So the patches are
+cut (in a seeded random order) into chunks of at most ``coreset_chunk`` patches and greedy selection
+picks f of each chunk: N / C chunks x (f C) iterations x C patches = f C N, linear in N. The union of
+the chunks' coresets covers every training patch (each was seen by its chunk's selection), at a
+covering radius that is at most that of the worst chunk. With N <= C it is the exact greedy selection.
 
 Score. A test patch's score is its distance to the nearest bank entry, s(x) = min_m ||x - m||_2 (exact,
 in chunks of bounded memory). The grid of scores is upsampled to the working size, smoothed with a
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gaikan.backbones.features import STAGE_CHANNELS, FeatureExtractor, prepare_batch
+from gaikan.backbones.features import FeatureExtractor, prepare_batch, stage_channels
 from gaikan.detectors.base import Detector, ScoreResult, register
 from gaikan.detectors.maps import gaussian_blur, upsample
 from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
@@ -109,21 +114,41 @@ def kcenter_greedy(points: torch.Tensor, n_select: int, start: int = 0) -> torch
 
 
 def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: int = 128, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                   chunk: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Indices of the coreset of ``fraction`` of the (N, D) features (at least one), chosen by greedy
-    k-center on a seeded random projection to ``projection_dim`` (no projection when 0 or >= D)."""
+    k-center on a seeded random projection to ``projection_dim`` (no projection when 0 or >= D).
+
+    ``chunk`` > 0 bounds the cost: the patches are cut in a seeded random order into about N / chunk
+    equal chunks and ``fraction`` of each is selected (cost linear in N); 0 or N <= chunk selects over
+    all patches at once (exact greedy, cost quadratic in N). ``progress(i)`` counts selections."""
     n, d = features.shape
     n_select = max(1, int(round(fraction * n)))
     if n_select >= n:
         return torch.arange(n)
     gen = torch.Generator().manual_seed(seed)
-    start = int(torch.randint(n, (1,), generator=gen))
-    if projection_dim and projection_dim < d:
-        proj = random_projection(d, projection_dim, seed)
-        points_t = torch.mm(proj.t(), features.t())  # (k, N), contiguous, no copy of the features
-    else:
-        points_t = features.t().contiguous()
-    return kcenter_greedy_t(points_t, n_select, start, progress)
+    proj = random_projection(d, projection_dim, seed) if projection_dim and projection_dim < d else None
+    n_chunks = 1 if chunk <= 0 or n <= chunk else math.ceil(n / chunk)
+    order = torch.randperm(n, generator=gen) if n_chunks > 1 else None
+    selected, done = [], 0
+    for part in range(n_chunks):
+        if order is None:
+            members, sub = None, features
+        else:
+            members = order[part * n // n_chunks:(part + 1) * n // n_chunks]
+            sub = features.index_select(0, members)
+        # this chunk's share of the selection, so that the shares add up to n_select exactly
+        k = round(n_select * (part + 1) / n_chunks) - round(n_select * part / n_chunks)
+        if k < 1:
+            continue
+        start = int(torch.randint(len(sub), (1,), generator=gen))
+        # (k', N') transposed and contiguous: the fast layout for the per-iteration product
+        points_t = torch.mm(proj.t(), sub.t()) if proj is not None else sub.t().contiguous()
+        offset = done
+        step = None if progress is None else (lambda i, o=offset: progress(o + i))
+        picked = kcenter_greedy_t(points_t, k, start, step)
+        selected.append(picked if members is None else members[picked])
+        done += k
+    return torch.cat(selected)
 
 
 class MemoryBank:
@@ -185,9 +210,12 @@ class PatchCore(Detector):
 
     Settings:
         image_size: working size in pixels (images, or tiles, are resized to image_size x image_size).
-        stages: backbone stages tapped (2 = stride 8, 4 = stride 16); the first sets the grid.
+        backbone: "lite0", "lite1" or "lite2" (EfficientNet-Lite, ImageNet weights).
+        stages: backbone stages tapped (1 = stride 4, 2 = stride 8, 4 = stride 16); the first sets the grid.
         feature_dim: channels after adaptive average pooling (0 = keep all D = sum of tap channels).
         coreset_fraction: share of the training patches kept in the memory bank (greedy k-center).
+        coreset_chunk: patches per chunk of the selection (its cost is linear in the patch count);
+            0 = one exact selection over all patches (quadratic).
         projection_dim: dimension of the random projection the coreset selection runs on.
         reweight: apply the paper's re-weighting (eq. 7) to each image's map and score.
         num_neighbors: b, the bank neighbourhood of the re-weighting.
@@ -201,15 +229,18 @@ class PatchCore(Detector):
         seed: seeds the projection, the coreset start and the validation split.
     """
 
-    def __init__(self, image_size: int = 224, stages: Sequence[int] = (2, 4), feature_dim: int = 0,
-                 coreset_fraction: float = 0.1, projection_dim: int = 128, reweight: bool = False,
+    def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (2, 4),
+                 feature_dim: int = 0, coreset_fraction: float = 0.1, coreset_chunk: int = 0,
+                 projection_dim: int = 128, reweight: bool = False,
                  num_neighbors: int = 9, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
                  tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", chunk_mb: float = 64.0,
                  seed: int = 0):
         self.image_size = int(image_size)
+        self.backbone = str(backbone)
         self.stages = tuple(int(s) for s in stages)
         self.feature_dim = int(feature_dim)
         self.coreset_fraction = float(coreset_fraction)
+        self.coreset_chunk = int(coreset_chunk)
         self.projection_dim = int(projection_dim)
         self.reweight = bool(reweight)
         self.num_neighbors = int(num_neighbors)
@@ -229,14 +260,16 @@ class PatchCore(Detector):
             raise SettingsError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise SettingsError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
-        if self.feature_dim < 0 or self.projection_dim < 0 or self.num_neighbors < 1 or self.batch_size < 1:
-            raise SettingsError("feature_dim and projection_dim must be >= 0, num_neighbors and batch_size >= 1")
+        if (self.feature_dim < 0 or self.projection_dim < 0 or self.coreset_chunk < 0 or self.num_neighbors < 1
+                or self.batch_size < 1):
+            raise SettingsError("feature_dim, projection_dim and coreset_chunk must be >= 0, num_neighbors and "
+                                "batch_size >= 1")
         check_tiling(self.tile_size, self.tile_overlap, self.tile_reduce)
 
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.stages)
+            self._extractor = FeatureExtractor(self.stages, self.backbone)
         return self._extractor
 
     @property
@@ -269,7 +302,8 @@ class PatchCore(Detector):
         start = time.perf_counter()
         features = self.patch_features(images)
         middle = time.perf_counter()
-        index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed)
+        index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed,
+                               chunk=self.coreset_chunk)
         #: seconds of the two parts of the last fit (not saved; for benchmarks)
         self.fit_seconds_ = {"features": middle - start, "coreset": time.perf_counter() - middle}
         bank = features[index]
@@ -321,7 +355,10 @@ class PatchCore(Detector):
         bank = state.get("bank")
         if bank is None or bank.ndim != 2 or bank.shape[0] < 1:
             raise ModelFormatError("PatchCore model has no memory bank (M, D) in its tensors")
-        expected = self.feature_dim or sum(STAGE_CHANNELS[s] for s in self.stages)
+        channels = stage_channels(self.backbone) if self.backbone in ("lite0", "lite1", "lite2") else None
+        if channels is None:
+            raise ModelFormatError(f"PatchCore model names an unknown backbone {self.backbone!r}")
+        expected = self.feature_dim or sum(channels[s] for s in self.stages)
         if bank.shape[1] != expected:
             raise ModelFormatError(f"PatchCore memory bank has {bank.shape[1]} features per patch, "
                                    f"the settings give {expected}")

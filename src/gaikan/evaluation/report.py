@@ -86,10 +86,29 @@ _METRIC_ROWS = [
 ]
 
 
+def _selection_section(selection: Mapping) -> str:
+    """The table ``--detector auto`` chose the model from (gaikan.auto.Selection.to_dict())."""
+    head = "<tr><th>candidate</th><th>image AUROC</th><th>pixel AUROC</th><th>seconds</th><th>status</th></tr>"
+    body = ""
+    for row in selection.get("rows", []):
+        chosen = row.get("label") == selection.get("chosen")
+        cells = "".join(f"<td class='num'>{html.escape(_fmt(row.get(k)))}</td>"
+                        for k in ("image_auroc", "pixel_auroc", "seconds"))
+        mark = " <b>(chosen)</b>" if chosen else ""
+        body += (f"<tr><td>{html.escape(str(row.get('label')))}{mark}</td>{cells}"
+                 f"<td>{html.escape(str(row.get('status', '')))}</td></tr>")
+    explain = (f"chosen by <code>--detector auto</code> from the training images only: fitted on "
+               f"{selection.get('n_fit')} goods, checked on {selection.get('n_check_good')} held-out goods, "
+               f"{selection.get('n_synthetic')} synthetic defects and {selection.get('n_real_defects')} real "
+               f"defective training images; {_fmt(selection.get('seconds'))} s")
+    return (f"<section id='selection'><h2>How this detector was chosen</h2><p class='muted'>{html.escape(explain)}"
+            f"</p><table>{head}{body}</table></section>")
+
+
 def build_report_html(*, metrics: Mapping, model_summary: Mapping, data_summary: Mapping,
                       figures: Mapping[str, bytes], false_alarms: Sequence[tuple[bytes, str]],
                       escapes: Sequence[tuple[bytes, str]], other_figures: Sequence[tuple[bytes, str]] = (),
-                      title: str | None = None) -> str:
+                      title: str | None = None, selection: Mapping | None = None) -> str:
     """The HTML text. ``figures``: PNG bytes by name (``roc.png``, ``pr.png``, ``score_histogram.png``,
     ``confusion.png``); the case and other figures are (PNG bytes, caption) pairs."""
     detector, data = metrics.get("detector", "?"), metrics.get("data", "?")
@@ -101,6 +120,9 @@ def build_report_html(*, metrics: Mapping, model_summary: Mapping, data_summary:
 
     parts.append("<section id='summary'><h2>Data and model</h2><div class='row'><div><h3>Data</h3>"
                  f"{_kv_table(data_summary)}</div><div><h3>Model</h3>{_kv_table(model_summary)}</div></div></section>")
+
+    if selection:
+        parts.append(_selection_section(selection))
 
     rows = {label: metrics.get(key) for key, label in _METRIC_ROWS if key in metrics}
     thresholds = metrics.get("thresholds", {}) or {}
@@ -152,7 +174,7 @@ def build_report_html(*, metrics: Mapping, model_summary: Mapping, data_summary:
 def write_html_report(report_dir, *, metrics: Mapping, model_summary: Mapping, data_summary: Mapping,
                       labels, scores, threshold: float, images: Sequence[np.ndarray] | None = None,
                       maps: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                      n_cases: int = 3) -> Path:
+                      n_cases: int = 3, selection: Mapping | None = None) -> Path:
     """Draw the worst-case figures into ``report_dir/cases/`` and write ``report_dir/report.html``.
 
     The main figures are read from ``report_dir`` (see :data:`MAIN_FIGURES`); every other ``*.png``
@@ -191,7 +213,8 @@ def write_html_report(report_dir, *, metrics: Mapping, model_summary: Mapping, d
               for p in sorted(report_dir.rglob("*.png"))
               if p.relative_to(report_dir).parts[0] != CASES_DIR and p.name not in MAIN_FIGURES]
     text = build_report_html(metrics=metrics, model_summary=model_summary, data_summary=data_summary,
-                             figures=figures, false_alarms=false_alarms, escapes=escapes, other_figures=others)
+                             figures=figures, false_alarms=false_alarms, escapes=escapes, other_figures=others,
+                             selection=selection)
     out = report_dir / REPORT_HTML
     out.write_text(text, encoding="utf-8")
     return out

@@ -1,0 +1,202 @@
+"""``--detector auto``: choose a detector and its settings for a part from its good images alone.
+
+A quality engineer has good images and no defects to tune on. The selection makes its own test:
+
+1. the good training images are split (seeded) into a *selection-fit* part and *selection-check*
+   goods (``holdout``, at least ``MIN_CHECK`` images);
+2. each check good also gets a defective twin: one synthetic defect (scratch, spot or cut-and-paste
+   of the part's own surface, ``gaikan.data.synthetic``) at a size drawn from ``DEFECT_SCALES``, so
+   small defects weigh as much as large ones; labelled defective training images, when the caller
+   gives some (``labels == 1``), join the check set as real defects (image level only);
+3. every candidate of the grid is fitted on the selection-fit part and scores the check set; its
+   image ROC AUC (ties: pixel ROC AUC on the synthetic masks, then the faster fit) ranks it;
+4. the winner is fitted again, as an ordinary detector, on all the training images (the caller's
+   ``fit`` then holds out its usual calibration share): the saved model is that detector, and its
+   manifest holds the table it was chosen from (``fit_info_["selection"]``).
+
+The selection sees only the images it is given (the training part of a split), never a test split.
+Time is bounded: candidates run in the grid's order and one whose estimated cost would take the
+whole selection past ``budget`` x the first (default) candidate's cost is skipped, and so marked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gaikan.data.images import to_float01
+from gaikan.data.synthetic import add_random_defect
+from gaikan.detectors.base import Detector, check_images, get_detector_class
+from gaikan.errors import SettingsError
+from gaikan.evaluation.metrics import image_auroc, pixel_auroc
+from gaikan.progress import track
+
+MIN_CHECK = 6
+DEFECT_SCALES = (0.5, 0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One entry of the grid: a detector name, its settings and its rough cost relative to the
+    default PaDiM fit + scoring (from bench/surfaces.py timings; used only for the time budget)."""
+
+    label: str
+    detector: str
+    settings: dict = field(default_factory=dict)
+    cost: float = 1.0
+
+    def make(self, overrides: dict | None = None) -> Detector:
+        return get_detector_class(self.detector)(**{**self.settings, **(overrides or {})})
+
+
+#: the default grid, chosen on bench/surfaces.py (docs/auto.md): the defaults of the two detectors,
+#: a position-free model for stationary textures and finer features for small defects.
+DEFAULT_GRID: tuple[Candidate, ...] = (
+    Candidate("padim", "padim", {}, 1.0),
+    Candidate("patchcore", "patchcore", {}, 1.0),
+    Candidate("padim[gaussian=shared,n_features=0]", "padim", {"gaussian": "shared", "n_features": 0}, 1.0),
+    Candidate("patchcore[stages=1,2,4]", "patchcore", {"stages": (1, 2, 4)}, 1.6),
+)
+
+
+@dataclass
+class SelectionRow:
+    label: str
+    detector: str
+    settings: dict
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    seconds: float | None = None
+    status: str = "ok"
+
+
+@dataclass
+class Selection:
+    """The table the winner was chosen from, and how the check set was made."""
+
+    chosen: str
+    rows: list[SelectionRow]
+    n_fit: int
+    n_check_good: int
+    n_synthetic: int
+    n_real_defects: int
+    seed: int
+    seconds: float
+    budget: float
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["rows"] = [asdict(r) for r in self.rows]
+        return out
+
+    def markdown(self) -> str:
+        lines = ["| candidate | image AUROC | pixel AUROC | s | status |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            def f(v, spec="{:.3f}"):
+                return "–" if v is None else spec.format(v)
+            mark = " **(chosen)**" if r.label == self.chosen else ""
+            lines.append(f"| {r.label}{mark} | {f(r.image_auroc)} | {f(r.pixel_auroc)} | {f(r.seconds, '{:.1f}')} "
+                         f"| {r.status} |")
+        return "\n".join(lines)
+
+
+def make_check_set(goods: Sequence[np.ndarray], rng: np.random.Generator,
+                   scales: Sequence[float] = DEFECT_SCALES) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Goods and one synthetic defective twin of each -> (images, labels, masks)."""
+    images, labels, masks = [], [], []
+    for img in goods:
+        base = np.clip(to_float01(np.asarray(img)), 0.0, 1.0).astype(np.float32)
+        scale = float(scales[int(rng.integers(len(scales)))])
+        bad, mask = add_random_defect(base, rng, scale=scale, min_area=0.001)
+        images += [base, bad]
+        labels += [0, 1]
+        masks += [np.zeros(mask.shape, dtype=bool), mask]
+    return images, np.asarray(labels, dtype=np.int64), masks
+
+
+def _rank_key(row: SelectionRow, order: int):
+    # best image AUROC, then pixel AUROC, then the earlier (cheaper, more default) grid entry
+    return (-(row.image_auroc if row.image_auroc is not None else -1.0),
+            -(row.pixel_auroc if row.pixel_auroc is not None else -1.0), order)
+
+
+def select_detector(images: Sequence[np.ndarray], labels: Sequence[int] | None = None, *,
+                    grid: Sequence[Candidate] = DEFAULT_GRID, holdout: float = 0.3, seed: int = 0,
+                    budget: float = 4.0, overrides: dict | None = None,
+                    progress: Callable[[SelectionRow], None] | None = None) -> tuple[Detector, Selection]:
+    """Pick the best candidate of ``grid`` for these training images; returns (a fresh, unfitted
+    detector with the winner's settings, the selection table). ``overrides`` are settings given to
+    every candidate (e.g. ``{"image_size": 128}``). See the module docstring."""
+    start = time.perf_counter()
+    images = check_images(images)
+    labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(images):
+        raise SettingsError(f"{len(images)} images but {len(labels)} labels")
+    if not grid:
+        raise SettingsError("the selection grid is empty")
+    if not 0.0 < holdout < 1.0:
+        raise SettingsError(f"holdout must be in (0, 1), got {holdout}")
+    good = np.flatnonzero(labels == 0)
+    n_check = max(MIN_CHECK, int(round(holdout * len(good))))
+    if len(good) - n_check < 4:
+        raise SettingsError(f"--detector auto needs at least {MIN_CHECK + 4} good training images "
+                            f"(it holds out {n_check} to check the candidates), got {len(good)}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(good)
+    check_idx, fit_idx = np.sort(perm[:n_check]), np.sort(perm[n_check:])
+    fit_images = [images[i] for i in fit_idx]
+    check_images_, check_labels, check_masks = make_check_set([images[i] for i in check_idx], rng)
+    real = [images[i] for i in np.flatnonzero(labels == 1)]
+    all_check = check_images_ + real
+    all_labels = np.r_[check_labels, np.ones(len(real), np.int64)]
+
+    rows: list[SelectionRow] = []
+    unit = None  # seconds of the first candidate, per unit of cost
+    for order, cand in enumerate(track(grid, "auto: candidates")):
+        row = SelectionRow(cand.label, cand.detector, {**cand.settings, **(overrides or {})})
+        spent = time.perf_counter() - start
+        # room for this candidate and for the final fit of the costliest one that could win
+        final = max([cand.cost] + [c.cost for c, r in zip(grid, rows) if r.status == "ok"])
+        if unit is not None and spent + unit * (cand.cost + final) > budget * unit:
+            row.status = f"skipped: time budget ({budget:g}x the default's selection cost)"
+            rows.append(row)
+            continue
+        t0 = time.perf_counter()
+        det = cand.make(overrides)
+        det.fit(fit_images, validation_fraction=0.0)
+        result = det.score(all_check)
+        row.image_auroc = float(image_auroc(all_labels, result.scores))
+        if result.maps is not None:
+            maps = np.asarray(result.maps)[: len(check_images_)]
+            row.pixel_auroc = float(pixel_auroc(np.stack(_resize_masks(check_masks, maps.shape[-2:])), maps))
+        row.seconds = round(time.perf_counter() - t0, 2)
+        if unit is None:
+            unit = max(row.seconds / max(cand.cost, 1e-6), 1e-3)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    scored = [(r, i) for i, r in enumerate(rows) if r.status == "ok"]
+    best = min(scored, key=lambda ri: _rank_key(*ri))[0]
+    chosen = next(c for c in grid if c.label == best.label)
+    selection = Selection(chosen=best.label, rows=rows, n_fit=len(fit_images), n_check_good=n_check,
+                          n_synthetic=int(check_labels.sum()), n_real_defects=len(real), seed=seed,
+                          seconds=round(time.perf_counter() - start, 2), budget=budget)
+    return chosen.make(overrides), selection
+
+
+def _resize_masks(masks: list[np.ndarray], size) -> list[np.ndarray]:
+    """Masks at the detector's map size (nearest neighbour), for the pixel AUROC."""
+    from PIL import Image
+
+    h, w = int(size[0]), int(size[1])
+    out = []
+    for m in masks:
+        if m.shape == (h, w):
+            out.append(m)
+        else:
+            img = Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
+            out.append(np.asarray(img) > 127)
+    return out

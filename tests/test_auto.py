@@ -1,0 +1,107 @@
+"""--detector auto (gaikan.auto): it picks the better candidate where one is clearly better, never
+reads the test images, keeps to its time budget, and saves an ordinary model with its table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gaikan import pipeline
+from gaikan.auto import Candidate, make_check_set, select_detector
+from gaikan.detectors.base import load_detector
+
+# A clearly worse candidate: one random channel of the coarsest tap at 32 px, smoothed flat.
+WEAK = Candidate("weak", "padim", {"image_size": 32, "stages": (6,), "n_features": 1, "sigma": 8.0})
+STRONG = Candidate("strong", "padim", {"image_size": 96, "n_features": 40})
+
+
+def test_auto_picks_the_clearly_better_of_two_settings(defect_split):
+    train = defect_split.train.images
+    det, selection = select_detector(train, grid=(WEAK, STRONG), seed=1, budget=100)
+    rows = {r.label: r for r in selection.rows}
+    assert selection.chosen == "strong"
+    assert det.name == "padim" and det.image_size == 96 and det.n_features == 40
+    assert not hasattr(det, "fitted_")  # returned unfitted: the caller fits it on everything
+    assert rows["strong"].image_auroc >= 0.9 and rows["strong"].image_auroc > rows["weak"].image_auroc + 0.1
+    # the check set: held-out goods and one synthetic defective twin each
+    assert selection.n_check_good == selection.n_synthetic == 12
+    assert selection.n_fit == len(train) - 12
+
+
+def test_the_order_of_the_grid_does_not_decide(defect_split):
+    _, selection = select_detector(defect_split.train.images, grid=(STRONG, WEAK), seed=1, budget=100)
+    assert selection.chosen == "strong"
+
+
+def test_the_check_set_has_a_defective_twin_of_every_good():
+    rng = np.random.default_rng(0)
+    goods = [np.full((40, 40), 0.5, np.float32) + rng.normal(0, 0.01, (40, 40)).astype(np.float32) for _ in range(3)]
+    images, labels, masks = make_check_set(goods, np.random.default_rng(1))
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    for good, bad, mask in zip(images[::2], images[1::2], masks[1::2]):
+        assert mask.any() and np.array_equal(good[~mask], bad[~mask]) and not np.array_equal(good, bad)
+
+
+class _Untouchable(list):
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("the selection read a test image")
+
+    __getitem__ = __iter__ = _refuse
+
+
+def test_the_selection_never_reads_the_test_split(defect_split):
+    from dataclasses import replace
+
+    test = replace(defect_split.test)
+    test.images = _Untouchable(defect_split.test.images)
+    split = replace(defect_split, test=test)
+    det = pipeline.fit_auto(split, grid=(WEAK, STRONG), budget=100)
+    assert det.fit_info_["selection"]["chosen"] == "strong"
+    assert det.fit_info_["n_train"] + det.fit_info_["n_calibration"] == len(defect_split.train)
+
+
+def test_candidates_past_the_time_budget_are_skipped_and_say_so(defect_split):
+    costly = Candidate("costly", "padim", {"image_size": 96, "n_features": 40}, cost=50.0)
+    _, selection = select_detector(defect_split.train.images, grid=(STRONG, costly), budget=4)
+    rows = {r.label: r for r in selection.rows}
+    assert rows["costly"].status.startswith("skipped: time budget") and rows["costly"].image_auroc is None
+    assert selection.chosen == "strong"
+
+
+def test_cli_fit_auto_saves_the_chosen_detector_with_its_table(defect_split, tmp_path):
+    from typer.testing import CliRunner
+    from PIL import Image
+
+    from gaikan.cli import app
+
+    root = tmp_path / "part"
+    (root / "good").mkdir(parents=True)
+    for i, img in enumerate(defect_split.train.images + defect_split.test.images[:10]):
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / "good" / f"{i:03d}.png")
+    (root / "scratch").mkdir()
+    for i, img in enumerate(defect_split.test.images[-8:]):
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / "scratch" / f"{i:03d}.png")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["fit", "--data", f"folder:{root}", "--detector", "auto", "--option",
+                                      "image_size=64", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "| candidate |" in result.output and "(chosen)" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    selection = manifest["fit"]["selection"]
+    assert manifest["detector"] == next(r["detector"] for r in selection["rows"] if r["label"] == selection["chosen"])
+    assert all(r["settings"]["image_size"] == 64 for r in selection["rows"])
+    det = load_detector(out)
+    assert det.image_size == 64
+    report = tmp_path / "report"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", f"folder:{root}",
+                                      "--report", str(report), "--quiet"])
+    assert result.exit_code == 0, result.output
+    html = (report / "report.html").read_text()
+    assert "How this detector was chosen" in html and "(chosen)" in html
+
+
+def test_auto_refuses_too_few_goods_and_unknown_options(defect_split, tmp_path):
+    from gaikan.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="at least"):
+        select_detector(defect_split.train.images[:8], grid=(STRONG,))
