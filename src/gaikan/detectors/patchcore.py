@@ -88,6 +88,16 @@ def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0,
     The selection is incremental: its first k indices are the k-center selection of size k.
     ``progress(i)``, when given, is called after the (i + 1)-th selection.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound small products: a second thread only adds synchronisation
+    try:
+        return _kcenter_loop(points_t, n_select, start, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kcenter_loop(points_t: torch.Tensor, n_select: int, start: int,
+                  progress: Callable[[int], None] | None) -> torch.Tensor:
     _, n = points_t.shape
     n_select = min(int(n_select), n)
     sq = points_t.square().sum(0)  # (N,)
@@ -143,8 +153,7 @@ def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: i
         start = int(torch.randint(len(sub), (1,), generator=gen))
         # (k', N') transposed and contiguous: the fast layout for the per-iteration product
         points_t = torch.mm(proj.t(), sub.t()) if proj is not None else sub.t().contiguous()
-        offset = done
-        step = None if progress is None else (lambda i, o=offset: progress(o + i))
+        step = None if progress is None else (lambda i, o=done: progress(o + i))
         picked = kcenter_greedy_t(points_t, k, start, step)
         selected.append(picked if members is None else members[picked])
         done += k
@@ -230,7 +239,7 @@ class PatchCore(Detector):
     """
 
     def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (2, 4),
-                 feature_dim: int = 0, coreset_fraction: float = 0.1, coreset_chunk: int = 0,
+                 feature_dim: int = 0, coreset_fraction: float = 0.01, coreset_chunk: int = 65536,
                  projection_dim: int = 128, reweight: bool = False,
                  num_neighbors: int = 9, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
                  tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", chunk_mb: float = 64.0,
