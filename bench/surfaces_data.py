@@ -49,7 +49,7 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / ".work" / "surfaces"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 SIZE = 128  # side of every image, pixels
 N_TRAIN = 100
@@ -223,22 +223,39 @@ def _defect_synthesis(make: Callable, img: np.ndarray, rng: np.random.Generator)
     return np.ascontiguousarray(result.image[..., ::-1]), result.anomaly_mask > 0, params
 
 
+def _luminance(img: np.ndarray) -> float:
+    """Mean Rec. 601 luminance of a uint8 RGB image, 0..255."""
+    return float((img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).mean())
+
+
+DARK = 100.0  # mean luminance (0..255) below which a crop counts as dark
+
+
 def _ds_crack(img, rng):
+    """defect-synthesis draws cracks dark; on a dark crop (mean luminance < DARK) it runs on the
+    inverted crop and the result is inverted back, so the crack is bright there (contrasting, as
+    gaikan.data.synthetic's polarity=None does)."""
     from defect_synthesis import CrackGenerator
 
     kerf = float(rng.uniform(0.35, 0.55))
+    invert = _luminance(img) < DARK
 
     def make():
         return CrackGenerator(base_length_range=(20, 45), base_width_range=(1, 1), branch_probability=0.3,
-                              max_branches=2, roughness=1.5, kerf_darkness=kerf), {"kerf_darkness": round(kerf, 3)}
+                              max_branches=2, roughness=1.5, kerf_darkness=kerf), {"kerf_darkness": round(kerf, 3),
+                                                                                    "inverted": invert}
 
-    return _defect_synthesis(make, img, rng)
+    if not invert:
+        return _defect_synthesis(make, img, rng)
+    out, mask, params = _defect_synthesis(make, 255 - img, rng)
+    return 255 - out, mask, params
 
 
 def _ds_stain(img, rng):
     from defect_synthesis import StainGenerator
 
-    kind = ("oil", "water", "rust", "chemical")[int(rng.integers(4))]
+    # a colour that shows: pale "water" on dark crops, else oil / rust / chemical
+    kind = "water" if _luminance(img) < DARK else ("oil", "rust", "chemical")[int(rng.integers(3))]
 
     def make():
         return (StainGenerator(radius_range=(6, 12), roughness=0.4, opacity_range=(0.25, 0.45), stain_type=kind),
@@ -292,10 +309,10 @@ DEFECTS: tuple[tuple[DefectKind, Callable], ...] = (
                 "add_cutpaste, area U(0.6 %, 2.5 %) of the image, flipped + brightness/contrast jitter"),
      _cutpaste),
     (DefectKind("crack_small", "crack", "small", "defect-synthesis 0.1.0",
-                "CrackGenerator, length 20-45 px, width 1 px, <= 2 branches, kerf_darkness U(0.35, 0.55)"),
+                "CrackGenerator, length 20-45 px, width 1 px, <= 2 branches, kerf_darkness U(0.35, 0.55); bright on dark crops"),
      _ds_crack),
     (DefectKind("stain_lowcontrast", "stain", "lowcontrast", "defect-synthesis 0.1.0",
-                "StainGenerator, radius 6-12 px, opacity 0.25-0.45, oil|water|rust|chemical colour"), _ds_stain),
+                "StainGenerator, radius 6-12 px, opacity 0.25-0.45, water colour on dark crops, else oil|rust|chemical"), _ds_stain),
     (DefectKind("pits_small", "pits", "small", "defect-synthesis 0.1.0",
                 "PittingGenerator, 3-8 pits of radius 1-2 px within ~8 px, depth_darkness 0.4"), _ds_pits),
     (DefectKind("warp_medium", "warp", "medium", "defect-synthesis 0.1.0",
