@@ -437,11 +437,53 @@ def build_surfaces(root: Path = DEFAULT_OUT, seed: int = 0, *, force: bool = Fal
     return specs
 
 
+def write_thumbnails(root: Path, out_dir: Path, *, index: int = 0) -> list[Path]:
+    """One strip per category, ``out_dir/<category>.png``: two test goods and image ``index`` of
+    every defect folder at 1:1 (128 px) with the defect's bounding box drawn 2 px outside it in
+    red, and the masks below (128-colour PNG, so the files stay small)."""
+    from PIL import ImageDraw
+
+    root, out_dir = Path(root), Path(out_dir)
+    manifest = json.loads((root / MANIFEST).read_text("utf-8"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    gap, label_h = 2, 12
+    for entry in manifest["categories"]:
+        cat = root / entry["name"]
+        tiles = [("good", cat / f"test/good/{i:03d}.png", None) for i in range(2)]
+        tiles += [(k.folder, cat / f"test/{k.folder}/{index:03d}.png",
+                   cat / f"ground_truth/{k.folder}/{index:03d}_mask.png") for k, _ in DEFECTS]
+        step = SIZE + gap
+        sheet = Image.new("RGB", (len(tiles) * step - gap, 2 * (SIZE + label_h) + gap), "white")
+        draw = ImageDraw.Draw(sheet)
+        for j, (label, image_path, mask_path) in enumerate(tiles):
+            x = j * step
+            with Image.open(image_path) as im:
+                sheet.paste(im.convert("RGB"), (x, label_h))
+            draw.text((x + 1, 0), label.replace("_", " "), fill="black")
+            mask = np.zeros((SIZE, SIZE), bool)
+            if mask_path is not None:
+                with Image.open(mask_path) as m:
+                    mask = np.asarray(m) > 0
+            sheet.paste(Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB"), (x, 2 * label_h + SIZE + gap))
+            if mask.any():
+                ys, xs = np.nonzero(mask)
+                draw.rectangle((x + xs.min() - 2, label_h + ys.min() - 2, x + xs.max() + 2, label_h + ys.max() + 2),
+                               outline=(255, 0, 0))
+        draw.text((1, label_h + SIZE + 1), f"{entry['name']} (masks below)", fill="black")
+        path = out_dir / f"{entry['name']}.png"
+        sheet.quantize(128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a build of another recipe")
+    parser.add_argument("--thumbnails", type=Path, default=None,
+                        help="also write one strip per category into this folder (e.g. docs/surfaces)")
     args = parser.parse_args(argv)
     try:
         specs = build_surfaces(args.out, args.seed, force=args.force)
@@ -451,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((args.out / MANIFEST).read_text("utf-8"))
     for spec, entry in zip(specs, manifest["categories"]):
         print(f"{spec}  ({len(entry['images'])} images, tree {entry['tree_sha256']})")
+    if args.thumbnails is not None:
+        for path in write_thumbnails(args.out, args.thumbnails):
+            print(f"thumbnails: {path}")
     print(f"manifest {args.out / MANIFEST} (build took {manifest['build_seconds']} s; a build of the same recipe is reused)")
     return 0
 
