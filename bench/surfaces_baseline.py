@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(spec, d)
             results["categories"][name][d] = r
             print(f"{name:14s} {d:10s} image {r['image_auroc']:.3f} pixel {r['pixel_auroc']:.3f} "
-                  f"aupro {r['aupro']:.3f} (fit {r['fit_s']} s)", flush=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1) + "\n", "utf-8")
+                  f"aupro {r['aupro']:.3f} (fit {r['fit_s']} s) {r['per_defect']}", flush=True)
+            # written after every result, so a stopped run keeps what it measured
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=1) + "\n", "utf-8")
     write_markdown(results, args.results.with_suffix(".md"))
     return 0
 
