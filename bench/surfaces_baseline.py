@@ -25,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from surfaces_data import CATEGORIES, DEFAULT_OUT, build_surfaces  # noqa: E402
+from surfaces_data import CATEGORIES, DEFAULT_OUT, DEFECTS, build_surfaces  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -84,6 +84,17 @@ def write_markdown(results: dict, path: Path) -> None:
             vals = [results["categories"][c][d]["per_defect"][k] for c in cats if d in results["categories"][c]]
             cells.append(f"{np.mean(vals):.3f}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "By generator (mean of the per-folder AUROCs above): a detector or selection tuned on "
+              "gaikan.data.synthetic's defects has a home advantage on the gaikan.data.synthetic row only.", "",
+              "| generator | " + " | ".join(dets) + " |", "|---|" + "---|" * len(dets)]
+    for gen in sorted({k.generator for k, _ in DEFECTS}):
+        folders = [k.folder for k, _ in DEFECTS if k.generator == gen]
+        cells = []
+        for d in dets:
+            vals = [results["categories"][c][d]["per_defect"][f] for c in cats if d in results["categories"][c]
+                    for f in folders if f in results["categories"][c][d]["per_defect"]]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "–")
+        lines.append(f"| {gen} ({', '.join(folders)}) | " + " | ".join(cells) + " |")
     lines += ["", "Fit / scoring seconds per category: see surfaces_baseline.json.", ""]
     path.write_text("\n".join(lines), "utf-8")
 
