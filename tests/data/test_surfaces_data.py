@@ -8,6 +8,7 @@ the refusals; the pinned Debian sources are checked where they are installed.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,11 +19,14 @@ from PIL import Image
 
 pytest.importorskip("defect_synthesis")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-import surfaces_data as sd  # noqa: E402
+from gaikan.data import load_data
 
-from gaikan.data import load_data  # noqa: E402
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+# loaded from its file (bench/ is not a package), registered so that its dataclasses resolve
+_spec = importlib.util.spec_from_file_location("surfaces_data", BENCH / "surfaces_data.py")
+sd = sys.modules.setdefault("surfaces_data", importlib.util.module_from_spec(_spec))
+if not hasattr(sd, "build_surfaces"):
+    _spec.loader.exec_module(sd)
 
 
 def _texture(rng: np.random.Generator, h: int = 400, w: int = 300) -> np.ndarray:
