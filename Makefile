@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test bench clean browser-deps
+.PHONY: install demo test bench clean browser-deps bench-deps
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing later pulls a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e ".[export,service,test]"
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e ".[export,service,test,bench]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -30,6 +30,12 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver) || \
 	  echo "WARNING: could not install chromium/chromium-driver: the browser tests will be SKIPPED" >&2
+
+# Debian data packages with the real texture photographs of bench/surfaces_data.py (benchmark only;
+# about 97 MB: OpenArena's photographic textures and MyPaint's paper scans)
+bench-deps:
+	test -f /usr/share/games/openarena/baseoa/pak4-textures.pk3 && test -d /usr/share/mypaint/backgrounds || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends openarena-081-textures mypaint-data-extras)
 
 bench: install
 	$(BIN)/python bench/elpv.py
