@@ -39,7 +39,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "padim (today's defaults)": ("padim", {"backbone": "lite0", "stages": (1, 2, 4), "n_features": 100,
                                            "gaussian": "per-position", "image_size": 224}),
     "patchcore (today's defaults)": ("patchcore", {"backbone": "lite0", "stages": (2, 4), "coreset_fraction": 0.1,
-                                                   "coreset_chunk": 0, "image_size": 224}),
+                                                   "coreset_chunk": 0, "projection_dim": 128, "image_size": 224}),
     "padim": ("padim", {}),
     "patchcore": ("patchcore", {}),
     "padim stages=1,2,3 n_features=144 image_size=256": ("padim", {"stages": (1, 2, 3), "n_features": 144,
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--note", default="", help="a line for the markdown (e.g. the load)")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--skip-done", action="store_true", help="keep rows already in the JSON")
     args = parser.parse_args()
 
     results = json.loads(JSON.read_text()) if JSON.is_file() else {"meta": {}, "rows": {}, "order": []}
@@ -194,9 +195,17 @@ def main() -> None:
             meta.setdefault("notes", []).append(args.note)
         for cat, spec in specs.items():
             for config in configs:
+                if args.skip_done and config in results["rows"].get(cat, {}):
+                    continue
                 t = time.perf_counter()
                 row = run_one(spec, config)
                 row["loadavg"] = round(os.getloadavg()[0], 1)
+                # re-read before writing: several runs (other categories) may share the file
+                if JSON.is_file():
+                    on_disk = json.loads(JSON.read_text())
+                    results["rows"] = {**on_disk["rows"], **{c: {**on_disk["rows"].get(c, {}), **r}
+                                                             for c, r in results["rows"].items()}}
+                    results["order"] = list(dict.fromkeys(on_disk["order"] + results["order"]))
                 results["rows"].setdefault(cat, {})[config] = row
                 print(f"{cat:14s} {config:50s} {row['image_auroc']:.3f} {row.get('pixel_auroc')} {row.get('aupro')} "
                       f"({time.perf_counter() - t:.0f} s){' -> ' + row['auto_chosen'] if 'auto_chosen' in row else ''}",

@@ -105,3 +105,13 @@ def test_auto_refuses_too_few_goods_and_unknown_options(defect_split, tmp_path):
 
     with pytest.raises(SettingsError, match="at least"):
         select_detector(defect_split.train.images[:8], grid=(STRONG,))
+
+
+def test_real_defective_training_images_join_the_check_set(defect_split):
+    test = defect_split.test
+    bad = [img for img, lab in zip(test.images, test.labels) if lab == 1][:5]
+    images = defect_split.train.images + bad
+    labels = [0] * len(defect_split.train) + [1] * len(bad)
+    det, selection = select_detector(images, labels, grid=(WEAK, STRONG), seed=1, budget=100)
+    assert selection.n_real_defects == 5 and selection.chosen == "strong"
+    assert selection.n_fit == len(defect_split.train) - selection.n_check_good  # defects never fitted on

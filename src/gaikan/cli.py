@@ -88,9 +88,11 @@ def fit(
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     detector: str = typer.Option("padim", "--detector", help="Detector name (see `gaikan detectors`), or auto: "
                                  "choose the detector and settings from held-out goods with synthetic defects "
-                                 "(options holdout=0.3, budget=4: at most that many default fits' time on the "
-                                 "selection, image_size=N: one working size for every candidate; the saved model "
-                                 "is the chosen detector, its manifest has the table)."),
+                                 "(options holdout=0.3, budget=5: at most that many times the default candidate's selection run, the final "
+                                 "fit included, image_size=N: one working size for every candidate, real_defects=yes: "
+                                 "the supervised protocol's training defects join the check (then evaluate with "
+                                 "--rows supervised); the saved model is the chosen detector, its manifest has the "
+                                 "table)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-o",
                                                help="Detector setting KEY=VALUE, repeatable (e.g. n_features=100)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write (refused if it exists, unless --force)."),
@@ -132,7 +134,7 @@ def fit(
                f"(from {info['n_calibration']} {info['calibrated_on']}); saved to {out}")
 
 
-AUTO_OPTIONS = {"holdout": float, "budget": float, "image_size": int}
+AUTO_OPTIONS = {"holdout": float, "budget": float, "image_size": int, "real_defects": str}
 
 
 def _fit_auto(data: str, options: dict[str, str], *, seed: int, **fit_kwargs):
@@ -150,7 +152,12 @@ def _fit_auto(data: str, options: dict[str, str], *, seed: int, **fit_kwargs):
         raise SettingsError(f"auto setting: {exc}") from None
     if "image_size" in kwargs:
         kwargs["overrides"] = {"image_size": kwargs.pop("image_size")}
-    split = pipeline.load_data(data, seed=seed)
+    real = kwargs.pop("real_defects", "no").lower()
+    if real not in ("yes", "no", "true", "false", "1", "0"):
+        raise SettingsError(f"auto setting real_defects must be yes or no, got {real!r}")
+    # real_defects=yes: the supervised protocol's training defects (ELPV split_sup, a folder's
+    # supervised half) join the check set; that model is then to be evaluated with --rows supervised
+    split = pipeline.load_data(data, seed=seed, supervised=real in ("yes", "true", "1"))
     det = pipeline.fit_auto(split, seed=seed, **kwargs, **fit_kwargs)
     sel = det.fit_info_["selection"]
     table = Selection(**{**sel, "rows": [SelectionRow(**r) for r in sel["rows"]]})

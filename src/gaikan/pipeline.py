@@ -79,7 +79,7 @@ def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: f
     return detector
 
 
-def fit_auto(split: DataSplit, *, holdout: float = 0.3, budget: float = 4.0, seed: int = 0,
+def fit_auto(split: DataSplit, *, holdout: float = 0.3, budget: float = 5.0, seed: int = 0,
              overrides: dict | None = None, grid=None, validation_fraction: float = 0.1,
              threshold_method: str = "max-good", false_alarm_rate: float | None = None,
              progress=None) -> Detector:

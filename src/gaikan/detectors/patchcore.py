@@ -239,8 +239,8 @@ class PatchCore(Detector):
     """
 
     def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (2, 4),
-                 feature_dim: int = 0, coreset_fraction: float = 0.01, coreset_chunk: int = 65536,
-                 projection_dim: int = 128, reweight: bool = False,
+                 feature_dim: int = 0, coreset_fraction: float = 0.01, coreset_chunk: int = 524288,
+                 projection_dim: int = 32, reweight: bool = False,
                  num_neighbors: int = 9, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
                  tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", chunk_mb: float = 64.0,
                  seed: int = 0):
