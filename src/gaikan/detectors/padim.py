@@ -12,10 +12,21 @@ position of a batch is then one batched matrix product. The distance map is upsa
 size, smoothed with a Gaussian (sigma 4) and the image score is its maximum.
 
 Fitting streams: only the per-position sums of x and x x^T are kept (float64), never all features.
+The fit is three pure steps, shared by the local fit, the Ray fit (gaikan.engine) and ``gaikan update``:
+
+    accumulate_sums  one batch of embeddings at a time into GaussianSums (n, shift s, S1, S2), with
+                     S1 = sum_i (x_i - s) and S2 = sum_i (x_i - s)(x_i - s)^T, s the first batch's mean
+    combine_sums     partial sums of disjoint image sets -> the sums of their union (exact: each part
+                     is re-centred to the first part's shift, see ``recentre``)
+    finalize_sums    sums -> mu_p = s + S1 / n and W_p (``whitening_factors``)
+
+With ``updatable=True`` (default) the saved model keeps the sums (S2 as its upper triangle), so new
+good images can be added later without recomputing the old ones' features (``gaikan update``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +60,83 @@ def embed(features: list[torch.Tensor], channel_index: torch.Tensor, offsets: li
             part = F.interpolate(part, size=size, mode="nearest")
         parts.append(part)
     return torch.cat(parts, dim=1)
+
+
+@dataclass
+class GaussianSums:
+    """Streamed per-position statistics of n embeddings (P positions, d features).
+
+    shift (P, d) float32: the first batch's mean (keeps the float32 products well conditioned);
+    sum_x (P, d) float64: S1 = sum (x - shift); sum_xxt (P, d, d) float64: S2 = sum (x - shift)(x - shift)^T;
+    grid: the (h, w) grid of the P positions.
+    """
+
+    n: int
+    shift: torch.Tensor
+    sum_x: torch.Tensor
+    sum_xxt: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+
+def accumulate_sums(sums: GaussianSums | None, emb: torch.Tensor) -> GaussianSums:
+    """Add a batch of embeddings (B, P, d) to ``sums`` (None: start, the batch's mean is the shift)."""
+    if sums is None:
+        shift = emb.mean(0)
+        n_pos, d = shift.shape
+        sums = GaussianSums(0, shift, torch.zeros(n_pos, d, dtype=torch.float64),
+                            torch.zeros(n_pos, d, d, dtype=torch.float64))
+    centred = (emb - sums.shift).transpose(0, 1)  # (P, B, d)
+    sums.sum_x += centred.sum(1)
+    sums.sum_xxt += torch.bmm(centred.transpose(1, 2), centred)
+    sums.n += emb.shape[0]
+    return sums
+
+
+def recentre(sums: GaussianSums, shift: torch.Tensor) -> GaussianSums:
+    """The same statistics about another shift t, in float64: with delta = s - t,
+    sum (x - t) = S1 + n delta and sum (x - t)(x - t)^T = S2 + S1 delta^T + delta S1^T + n delta delta^T."""
+    delta = sums.shift.double() - shift.double()
+    sum_xxt = (sums.sum_xxt + sums.sum_x[:, :, None] * delta[:, None, :] + delta[:, :, None] * sums.sum_x[:, None, :]
+               + sums.n * delta[:, :, None] * delta[:, None, :])
+    return GaussianSums(sums.n, shift, sums.sum_x + sums.n * delta, sum_xxt, sums.grid)
+
+
+def combine_sums(parts: Sequence[GaussianSums]) -> GaussianSums:
+    """Sums of disjoint image sets -> the sums of their union, about the first part's shift."""
+    parts = [p for p in parts if p is not None and p.n > 0]
+    if not parts:
+        raise SettingsError("no embeddings to combine")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    total = GaussianSums(first.n, first.shift, first.sum_x.clone(), first.sum_xxt.clone(), first.grid)
+    for part in parts[1:]:
+        if part.sum_x.shape != total.sum_x.shape:
+            raise SettingsError(f"cannot combine PaDiM sums of shapes {tuple(total.sum_x.shape)} and "
+                                f"{tuple(part.sum_x.shape)} (other grid or n_features)")
+        if not torch.equal(part.shift, total.shift):
+            part = recentre(part, total.shift)
+        total.n += part.n
+        total.sum_x += part.sum_x
+        total.sum_xxt += part.sum_xxt
+    return total
+
+
+def finalize_sums(sums: GaussianSums, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums -> (means (P, d), whitening matrices W_p (P, d, d)), both float32."""
+    mean_centred, whiten = whitening_factors(sums.sum_x, sums.sum_xxt, sums.n, eps)
+    return mean_centred + sums.shift, whiten
+
+
+def padim_partial_sums(payload: dict, images: Sequence[np.ndarray]) -> GaussianSums:
+    """A worker's share of a PaDiM fit: the sums of its images' embeddings.
+
+    payload: {"settings": PaDiM settings, "channel_index": the fit's chosen channels (numpy)}; the
+    images are already tiles when tiling is on. Module-level so that engines can ship it to workers.
+    """
+    det = PaDiM(**payload["settings"])
+    det.channel_index_ = torch.as_tensor(np.asarray(payload["channel_index"])).long()
+    return det.partial_sums(list(images))
 
 
 def whitening_factors(sum_x: torch.Tensor, sum_xxt: torch.Tensor, n: int, eps: float,
@@ -95,12 +183,18 @@ class PaDiM(Detector):
             loading; scoring computes in float32).
         tile_size, tile_overlap, tile_reduce: tiling of large images (gaikan.detectors.tiling);
             tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
+        updatable: keep what ``gaikan update`` needs to add good images later: the streamed sums
+            (float64; S2 as its upper triangle, about twice the size of the whitening matrices) and
+            the held-out calibration images (to recalibrate). False: a smaller model, not updatable.
         seed: seeds the channel choice and the validation split.
     """
 
+    #: the fit is a sum over images: engines may split it (gaikan.engine, ``fit --engine ray``)
+    distributed_fit = True
     def __init__(self, image_size: int = 224, stages: Sequence[int] = (1, 2, 4), n_features: int = 100,
                  eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
-                 tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", seed: int = 0):
+                 tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", updatable: bool = True,
+                 seed: int = 0):
         self.image_size = int(image_size)
         self.stages = tuple(int(s) for s in stages)
         self.n_features = int(n_features)
@@ -111,6 +205,7 @@ class PaDiM(Detector):
         self.tile_size = int(tile_size)
         self.tile_overlap = float(tile_overlap)
         self.tile_reduce = str(tile_reduce)
+        self.updatable = bool(updatable)
         self.seed = int(seed)
         self._extractor: FeatureExtractor | None = None
         self._tap_offsets: list[int] | None = None
@@ -140,6 +235,14 @@ class PaDiM(Detector):
         self.grid_ = tuple(emb.shape[-2:])
         return emb.flatten(2).transpose(1, 2).contiguous()
 
+    def partial_sums(self, images: list[np.ndarray]) -> GaussianSums:
+        """Stream the images' embeddings (channel_index_ chosen) into GaussianSums, batch by batch."""
+        sums = None
+        for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
+            sums = accumulate_sums(sums, self._embed_batch(images[sl]))  # (B, P, d) per batch
+        sums.grid = self.grid_
+        return sums
+
     def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
         self._check_settings()
         if self.tile_size:
@@ -151,22 +254,21 @@ class PaDiM(Detector):
             raise SettingsError("PaDiM needs at least 2 good training images")
         rng = np.random.default_rng(self.seed)
         self.channel_index_ = torch.from_numpy(np.sort(rng.choice(total, self.n_features, replace=False)))
-        # Sums of (x - shift) and its outer products; the shift (the first batch's mean) keeps the
-        # float32 products well conditioned, the running totals are float64.
-        shift = sum_x = sum_xxt = None
-        for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
-            emb = self._embed_batch(images[sl])  # (B, P, d)
-            if shift is None:
-                shift = emb.mean(0)
-                n_pos, d = shift.shape
-                sum_x = torch.zeros(n_pos, d, dtype=torch.float64)
-                sum_xxt = torch.zeros(n_pos, d, d, dtype=torch.float64)
-            centred = (emb - shift).transpose(0, 1)  # (P, B, d)
-            sum_x += centred.sum(1)
-            sum_xxt += torch.bmm(centred.transpose(1, 2), centred)
-        mean_centred, whiten = whitening_factors(sum_x, sum_xxt, len(images), self.eps)
+        engine = getattr(self, "_engine", None)
+        if engine is None:  # in this process, one share
+            parts = [self.partial_sums(images)]
+        else:
+            payload = {"settings": self.settings(), "channel_index": self.channel_index_.numpy()}
+            parts = engine.map_shares(padim_partial_sums, payload, images)
+        self._set_sums(combine_sums(parts))
+
+    def _set_sums(self, sums: GaussianSums) -> None:
+        """Build the model from the sums (fit and update), and keep them when ``updatable``."""
+        mean, whiten = finalize_sums(sums, self.eps)
         self.whiten_ = whiten.to(STORAGE_DTYPES[self.storage_dtype]).float()  # rounded as it will be stored
-        self.mean_ = mean_centred + shift
+        self.mean_ = mean
+        self.grid_ = tuple(sums.grid)
+        self.sums_ = sums if self.updatable else None
 
     def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""
@@ -195,7 +297,47 @@ class PaDiM(Detector):
             "mean": self.mean_.numpy(),
             "whiten_tril": self.whiten_[:, rows, cols].to(STORAGE_DTYPES[self.storage_dtype]).numpy(),
             "grid": np.asarray(self.grid_, dtype=np.int64),
+            **self._sums_state(),
         }
+
+    def _sums_state(self) -> dict[str, np.ndarray]:
+        sums = getattr(self, "sums_", None)
+        if sums is None:
+            return {}
+        d = sums.sum_x.shape[-1]
+        rows, cols = torch.triu_indices(d, d)
+        return {"sums_n": np.asarray([sums.n], dtype=np.int64), "sums_shift": sums.shift.numpy(),
+                "sums_x": sums.sum_x.numpy(), "sums_xxt_triu": sums.sum_xxt[:, rows, cols].numpy()}
+
+    def load_sums(self, state: dict[str, np.ndarray]) -> GaussianSums | None:
+        """The kept sums from a saved model's tensors (None if it has none). Loading a model does not
+        keep them in memory (a scorer has no use for them); ``gaikan update`` reads them with this."""
+        if "sums_n" not in state:
+            return None
+        n_pos, d = self.mean_.shape
+        triu = torch.from_numpy(state["sums_xxt_triu"])
+        if triu.shape != (n_pos, d * (d + 1) // 2) or state["sums_x"].shape != (n_pos, d):
+            raise ModelFormatError(f"PaDiM sums have inconsistent shapes: sums_x {state['sums_x'].shape}, "
+                                   f"sums_xxt_triu {tuple(triu.shape)} for {n_pos} positions x {d} features")
+        rows, cols = torch.triu_indices(d, d)
+        sum_xxt = torch.zeros(n_pos, d, d, dtype=torch.float64)
+        sum_xxt[:, rows, cols] = triu.double()
+        sum_xxt[:, cols, rows] = triu.double()
+        return GaussianSums(int(state["sums_n"].reshape(-1)[0]), torch.from_numpy(state["sums_shift"]).float(),
+                            torch.from_numpy(state["sums_x"]).double(), sum_xxt, self.grid_)
+
+    def add_images(self, images: list[np.ndarray]) -> None:
+        """Add good images to the fitted model without the old ones: their sums are added to the kept
+        sums and the Gaussians rebuilt (the same model as a fit on the old and the new images together).
+        Thresholds are not touched here (``gaikan.update`` recalibrates)."""
+        self._check_fitted()
+        if getattr(self, "sums_", None) is None:
+            raise SettingsError("this PaDiM model has no streamed sums in memory (a loaded model: read them with "
+                                "load_sums) or was saved without its streamed sums (updatable=false or an older "
+                                "gaikan), so images cannot be added to it: refit it with updatable=true")
+        if self.tile_size:
+            images = tile_views(images, self.tile_size, self.tile_overlap)
+        self._set_sums(combine_sums([self.sums_, self.partial_sums(list(images))]))
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
         self._check_settings()
@@ -210,3 +352,5 @@ class PaDiM(Detector):
         self.whiten_ = torch.zeros(n_pos, d, d)
         self.whiten_[:, rows, cols] = tril
         self.grid_ = tuple(int(v) for v in state["grid"])
+        self.sums_ = None  # not kept when loading: see load_sums
+        self.saved_with_sums_ = "sums_n" in state
