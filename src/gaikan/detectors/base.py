@@ -153,8 +153,10 @@ class Detector:
         usable = labels >= 0 if self.supervised else labels == 0
         train_idx = np.setdiff1d(np.flatnonzero(usable), val_idx)
         train_labels = labels[train_idx]
+        if engine is not None and getattr(engine, "in_process", False):
+            engine = None  # the local engine: this process, the plain path
         if engine is not None and not getattr(self, "distributed_fit", False):
-            raise SettingsError(f"{self.name} is fitted in one process only; engines other than local fit "
+            raise SettingsError(f"{self.name} is fitted in one process only; the {engine.name} engine fits "
                                 f"{', '.join(n for n, c in sorted(_REGISTRY.items()) if getattr(c, 'distributed_fit', False))}")
         self._engine = engine
         try:
