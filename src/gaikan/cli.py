@@ -411,6 +411,53 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
+@app.command()
+@user_errors
+def update(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore); "
+                               "never modified."),
+    good: Optional[List[Path]] = typer.Option(None, "--good", help="New good images: files and/or folders, "
+                                              "repeatable."),
+    from_log: Optional[Path] = typer.Option(None, "--from-log", help="A `gaikan serve` data directory: take the "
+                                            "images its operators reviewed as false alarm for this model."),
+    out: Path = typer.Option(..., "--out", help="Directory for the new model version (refused if it exists, "
+                             "unless --force; never the --model directory)."),
+    holdout: float = typer.Option(0.0, "--holdout", help="Share of the new images added to the calibration set "
+                                  "instead of training (seeded); 0 = all train, the kept held-out images "
+                                  "recalibrate."),
+    seed: int = typer.Option(0, help="Seed of the --holdout split."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Add new good images to a PaDiM or PatchCore model without its old images (PaDiM adds to its
+    kept sums, PatchCore extends its bank), recalibrate the thresholds on the held-out goods and write
+    a new model version."""
+    from gaikan import pipeline
+    from gaikan.update import false_alarm_images_from_log, read_images, update_model
+
+    _set_quiet(quiet)
+    if (good is None) == (from_log is None):
+        raise GaikanError("give exactly one of --good PATH or --from-log DATA_DIR")
+    if good:
+        paths = pipeline.expand_inputs(good)
+        source = "good:" + ",".join(str(g) for g in good)
+    else:
+        from gaikan.io.model_io import model_id, read_manifest
+
+        paths = false_alarm_images_from_log(from_log, model_id(read_manifest(model)))
+        source = f"log:{from_log}"
+    images = read_images(paths)
+    result = update_model(model, images, [str(p) for p in paths], out, holdout=holdout, seed=seed, source=source,
+                          force=force)
+    det = result.detector
+    bank = (f"; memory bank {result.bank_before} -> {result.bank_after} patches"
+            if result.bank_after is not None else "")
+    typer.echo(f"updated {det.name} with {len(images)} images ({result.n_added_train} to training, "
+               f"{result.n_added_calibration} to calibration){bank}; threshold {det.thresholds.default_method} "
+               f"{result.threshold_before:.4g} -> {result.threshold_after:.4g} (from {det.fit_info_['n_calibration']} "
+               f"held-out goods); version {det.fit_info_['model_version']} saved to {out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -177,6 +177,8 @@ class Detector:
             "calibrated_on": "held-out good images" if n_val else "training images (optimistic)",
             "validation_fraction": float(validation_fraction),
             "image_shape": _common_shape(images),
+            "quantile": float(quantile),
+            "false_alarm_rate": None if false_alarm_rate is None else float(false_alarm_rate),
         }
         return self
 
