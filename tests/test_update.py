@@ -114,9 +114,12 @@ def test_update_refuses_images_of_another_size_or_channels_and_writes_nothing(pa
     assert same.exit_code == 2 and "never over it" in same.output
 
 
-def test_update_from_log_takes_the_reviewed_false_alarms(parts, tmp_path, monkeypatch):
-    """--from-log resolves the store query's rows to the logged image blobs (the review table itself
-    belongs to the service; here the query is stood in by the log's NG rows)."""
+def test_update_from_log_takes_the_reviewed_false_alarms_of_this_model(parts, tmp_path, monkeypatch):
+    """--from-log: the NG rows of this model whose current review is "false alarm", their logged
+    images. The review table belongs to the service's review loop (InspectionStore.current_reviews);
+    its answer is stood in here by fixed reviews."""
+    from types import SimpleNamespace
+
     from gaikan.io.model_io import model_id, read_manifest
     from gaikan.service.store import InspectionStore
 
@@ -124,20 +127,23 @@ def test_update_from_log_takes_the_reviewed_false_alarms(parts, tmp_path, monkey
     PaDiM(image_size=64, n_features=20).fit(images[:12], validation_fraction=0.25).save(tmp_path / "v1")
     mid = model_id(read_manifest(tmp_path / "v1"))
     store = InspectionStore(tmp_path / "log")
-    for i, path in enumerate(paths[20:23]):
+    ids = []
+    for i, path in enumerate(paths[20:25]):
         digest, ext = store.put_blob(path.read_bytes(), "png")
-        store.add(part_id=f"p{i}", image_sha256=digest, image_ext=ext, image_width=96, image_height=96,
-                  thumb_sha256=None, heatmap_sha256=None, overlay_sha256=None, score=99.0, verdict="NG",
-                  threshold=1.0, threshold_method="max-good", p_value=0.01, model_id=mid, model_checksum="x",
-                  timing_ms=1.0)
+        row = store.add(part_id=f"p{i}", image_sha256=digest, image_ext=ext, image_width=96, image_height=96,
+                        thumb_sha256=None, heatmap_sha256=None, overlay_sha256=None, score=99.0, verdict="NG",
+                        threshold=1.0, threshold_method="max-good", p_value=0.01,
+                        model_id=mid if i < 4 else "padim-another", model_checksum="x", timing_ms=1.0)
+        ids.append(row.id)
     store.close()
-    asked = []
+    labels = {ids[0]: "false_alarm", ids[1]: "defect", ids[2]: "false_alarm", ids[4]: "false_alarm"}
 
-    def reviewed_false_alarms(self, *, model_id=None):
-        asked.append(model_id)
-        return self.query(verdict="NG")[0]
+    def current_reviews(self, inspection_ids):
+        return {i: SimpleNamespace(label=labels[i]) for i in inspection_ids if i in labels}
 
-    monkeypatch.setattr(InspectionStore, "reviewed_false_alarms", reviewed_false_alarms, raising=False)
+    monkeypatch.setattr(InspectionStore, "current_reviews", current_reviews, raising=False)
     result = _update("--model", tmp_path / "v1", "--from-log", tmp_path / "log", "--out", tmp_path / "v2")
     assert result.exit_code == 0, result.output
-    assert asked == [mid] and "3 to training" in result.output
+    assert "2 to training" in result.output  # ids[0] and ids[2]: not the defect, not another model's
+    source = json.loads((tmp_path / "v2" / "manifest.json").read_text())["fit"]["update"]["source"]
+    assert source == f"log:{tmp_path / 'log'}"

@@ -89,13 +89,35 @@ def read_images(paths: Sequence[Path]) -> list[np.ndarray]:
     return images
 
 
-def false_alarm_images_from_log(data_dir: Path, model_id: str | None) -> list[Path]:
-    """The images of the inspections an operator reviewed as "false alarm" in a service log.
+def reviewed_false_alarms(store, model_id: str | None, *, page: int = 500) -> list:
+    """The store query behind ``--from-log``: the logged NG inspections (of ``model_id``; None = every
+    model) whose current review says "false alarm", oldest first.
 
-    Store query used: ``InspectionStore.reviewed_false_alarms(model_id=...)`` -> the logged
-    inspections (``Inspection`` rows) marked false alarm, for that model id (None: every model);
-    their images are the stored blobs ``store.blob_path(row.image_sha256, row.image_ext)``.
+    Uses the log's review API (``store.current_reviews(ids) -> {id: Review}``, a Review with ``label``
+    "false_alarm" or "defect": the reviews table of the service's review loop) over the NG rows from
+    ``store.query(verdict="NG")``, page by page.
     """
+    current = getattr(store, "current_reviews", None)
+    if current is None:
+        raise GaikanError("this inspection log has no operator reviews (its service predates the review loop): "
+                          "use --good PATH")
+    found, offset = [], 0
+    while True:
+        rows, total = store.query(verdict="NG", limit=page, offset=offset)
+        if not rows:
+            break
+        reviews = current([r.id for r in rows])
+        found += [r for r in rows if (model_id is None or r.model_id == model_id)
+                  and getattr(reviews.get(r.id), "label", None) == "false_alarm"]
+        offset += len(rows)
+        if offset >= total:
+            break
+    return sorted(found, key=lambda r: r.id)
+
+
+def false_alarm_images_from_log(data_dir: Path, model_id: str | None) -> list[Path]:
+    """The stored images (``store.blob_path(sha256, ext)``) of ``reviewed_false_alarms`` in the log of
+    a ``gaikan serve`` data directory."""
     from gaikan.service.store import DB_NAME, InspectionStore
 
     data_dir = Path(data_dir)
@@ -103,19 +125,14 @@ def false_alarm_images_from_log(data_dir: Path, model_id: str | None) -> list[Pa
         raise GaikanError(f"{data_dir} is not a gaikan serve data directory: {DB_NAME} is missing")
     store = InspectionStore(data_dir)
     try:
-        query = getattr(store, "reviewed_false_alarms", None)
-        if query is None:
-            raise GaikanError(f"the inspection log in {data_dir} has no review query (reviewed_false_alarms): this "
-                              "gaikan's service does not record operator reviews yet; use --good PATH")
-        rows = query(model_id=model_id)
-        paths = [store.blob_path(r.image_sha256, r.image_ext) for r in rows]
+        paths = [store.blob_path(r.image_sha256, r.image_ext) for r in reviewed_false_alarms(store, model_id)]
     finally:
         store.close()
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise GaikanError(f"{len(missing)} reviewed images are missing from {data_dir}: {', '.join(missing[:3])}")
     if not paths:
-        raise GaikanError(f"no inspections reviewed as false alarm for model {model_id} in {data_dir}")
+        raise GaikanError(f"no inspections of model {model_id} reviewed as false alarm in the log in {data_dir}")
     return paths
 
 
