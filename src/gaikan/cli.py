@@ -24,6 +24,10 @@ DATA_HELP = ("Data spec: elpv:mono | elpv:poly (the fixed ELPV split), mvtec:PAT
              "folder:PATH (good/ plus one folder per defect type; 20% of good/ held out for testing), "
              "idx:PATH[?good=D&defect=E] (MNIST-style IDX files).")
 QUIET_HELP = "No progress bars."
+ENGINE_HELP = ("Where the work runs: local (this process) or ray (a Ray cluster at --address, or a local Ray "
+               "started on this machine); same outputs.")
+ADDRESS_HELP = "Ray cluster address for --engine ray (e.g. ray://head:10001 or auto); default: start a local Ray."
+WORKERS_HELP = "Ray workers (actors for predict, shares for fit), one CPU each; 0 = one per CPU of the cluster."
 
 
 @app.callback()
@@ -104,11 +108,16 @@ def fit(
     false_alarm_rate: Optional[float] = typer.Option(None, help="Target false-alarm rate alpha for the "
                                                      "split-conformal threshold (e.g. 0.01)."),
     seed: int = typer.Option(0, help="Seed of the folder: hold-out split."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP + " With ray, PaDiM's sums and PatchCore's "
+                               "patch features are computed on the workers (the coreset selection stays here)."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    workers: int = typer.Option(0, "--workers", help=WORKERS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing model directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Fit a detector on the good training images of a data set and save it."""
     from gaikan import pipeline
+    from gaikan.engine import get_engine
     from gaikan.io.model_io import prepare_output_dir
 
     _set_quiet(quiet)
@@ -123,8 +132,10 @@ def fit(
         det = pipeline.make_detector(detector, _parse_options(option))
         split = pipeline.load_split_for(det, data, seed=seed)
         start = time.perf_counter()
-        pipeline.fit_detector(det, split, validation_fraction=validation_fraction,
-                              threshold_method=threshold_method, false_alarm_rate=false_alarm_rate)
+        with get_engine(engine, address=address, workers=workers) as runner:
+            pipeline.fit_detector(det, split, validation_fraction=validation_fraction,
+                                  threshold_method=threshold_method, false_alarm_rate=false_alarm_rate,
+                                  engine=runner)
     seconds = time.perf_counter() - start
     det.fit_info_["seconds"] = round(seconds, 2)
     det.save(out, overwrite=force)
@@ -242,19 +253,28 @@ def predict(
     model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (or, with "
                                                     "--runtime onnx, the .onnx file written by `gaikan export`)."),
     out: Path = typer.Option(..., "--out", help="Results directory: results.csv, ng_list.txt, figures/."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch: score with the saved model directory; onnx: "
-                                "score with an exported .onnx model through onnxruntime (same results)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch: score with the saved model directory; "
+                                          "onnx: score with an exported .onnx model through onnxruntime (same "
+                                          "results); auto: export the model directory to ONNX in memory and run "
+                                          "it with onnxruntime where it exports, else torch. Default: torch "
+                                          "with --engine local, auto with --engine ray."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads with --runtime onnx (0 = all cores)."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP + " With ray, an actor pool of --workers "
+                               "scorers (each loads the model once) scores batches of the files."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    workers: int = typer.Option(0, "--workers", help=WORKERS_HELP),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """OK/NG verdict, score and heat-map figure for each image; unreadable files are listed, not fatal."""
     from gaikan import pipeline
+    from gaikan.engine import get_engine
 
     _set_quiet(quiet)
-    det = pipeline.load_scorer(model, runtime, threads=threads)
-    preds = pipeline.predict_files(det, inputs, out, force=force, figures=not no_figures)
+    with get_engine(engine, address=address, workers=workers) as runner:
+        preds = pipeline.predict_with_engine(model, inputs, out, engine=runner, runtime=runtime, threads=threads,
+                                             force=force, figures=not no_figures)
     n_ng = sum(p.verdict == "NG" for p in preds)
     bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
     typer.echo(f"{len(preds) - len(bad)} images scored: {n_ng} NG, {len(preds) - len(bad) - n_ng} OK"
@@ -434,6 +454,53 @@ def serve(
     typer.echo(f"gaikan serve: model {web.state.service.model_id} on http://{host}:{port}/ "
                f"(log in {data_dir})", err=True)
     uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
+def update(
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore); "
+                               "never modified."),
+    good: Optional[List[Path]] = typer.Option(None, "--good", help="New good images: files and/or folders, "
+                                              "repeatable."),
+    from_log: Optional[Path] = typer.Option(None, "--from-log", help="A `gaikan serve` data directory: take the "
+                                            "images its operators reviewed as false alarm for this model."),
+    out: Path = typer.Option(..., "--out", help="Directory for the new model version (refused if it exists, "
+                             "unless --force; never the --model directory)."),
+    holdout: float = typer.Option(0.0, "--holdout", help="Share of the new images added to the calibration set "
+                                  "instead of training (seeded); 0 = all train, the kept held-out images "
+                                  "recalibrate."),
+    seed: int = typer.Option(0, help="Seed of the --holdout split."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Add new good images to a PaDiM or PatchCore model without its old images (PaDiM adds to its
+    kept sums, PatchCore extends its bank), recalibrate the thresholds on the held-out goods and write
+    a new model version."""
+    from gaikan import pipeline
+    from gaikan.update import false_alarm_images_from_log, read_images, update_model
+
+    _set_quiet(quiet)
+    if (good is None) == (from_log is None):
+        raise GaikanError("give exactly one of --good PATH or --from-log DATA_DIR")
+    if good:
+        paths = pipeline.expand_inputs(good)
+        source = "good:" + ",".join(str(g) for g in good)
+    else:
+        from gaikan.io.model_io import model_id, read_manifest
+
+        paths = false_alarm_images_from_log(from_log, model_id(read_manifest(model)))
+        source = f"log:{from_log}"
+    images = read_images(paths)
+    result = update_model(model, images, [str(p) for p in paths], out, holdout=holdout, seed=seed, source=source,
+                          force=force)
+    det = result.detector
+    bank = (f"; memory bank {result.bank_before} -> {result.bank_after} patches"
+            if result.bank_after is not None else "")
+    typer.echo(f"updated {det.name} with {len(images)} images ({result.n_added_train} to training, "
+               f"{result.n_added_calibration} to calibration){bank}; threshold {det.thresholds.default_method} "
+               f"{result.threshold_before:.4g} -> {result.threshold_after:.4g} (from {det.fit_info_['n_calibration']} "
+               f"held-out goods); version {det.fit_info_['model_version']} saved to {out}")
 
 
 def main() -> None:  # pragma: no cover

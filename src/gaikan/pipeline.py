@@ -59,8 +59,10 @@ def load_evaluation_split(detector_or_class, spec: str, *, seed: int = 0, rows: 
 
 
 def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: float = 0.1,
-                 threshold_method: str = "max-good", false_alarm_rate: float | None = None) -> Detector:
-    """Fit on the split's training images (labels passed to supervised detectors)."""
+                 threshold_method: str = "max-good", false_alarm_rate: float | None = None,
+                 engine=None) -> Detector:
+    """Fit on the split's training images (labels passed to supervised detectors); ``engine``
+    (gaikan.engine) runs the training work of the detectors that can share it out."""
     train = split.train
     keep = np.flatnonzero(train.labels >= 0)
     images = [train.images[i] for i in keep]
@@ -74,8 +76,10 @@ def fit_detector(detector: Detector, split: DataSplit, *, validation_fraction: f
         images = [img for img, lab in zip(images, labels) if lab == 0]
         labels = np.zeros(len(images), dtype=np.int64)
     detector.fit(images, labels, validation_fraction=validation_fraction, threshold_method=threshold_method,
-                 false_alarm_rate=false_alarm_rate)
+                 false_alarm_rate=false_alarm_rate, engine=engine)
     detector.fit_info_["data"] = split.spec
+    if engine is not None:
+        detector.fit_info_["engine"] = {"name": engine.name, "workers": int(engine.workers)}
     return detector
 
 
@@ -302,12 +306,13 @@ class Prediction:
     p_value: float | None = None  # conformal p-value against the model's calibration scores
 
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "auto")
 
 
 def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
-    """What ``predict`` scores with: a saved model directory (runtime "torch") or an exported
-    ``.onnx`` file run by onnxruntime (runtime "onnx", gaikan.export.runtime.OnnxDetector)."""
+    """What ``predict`` scores with: a saved model directory (runtime "torch"), an exported ``.onnx``
+    file run by onnxruntime (runtime "onnx", gaikan.export.runtime.OnnxDetector), or "auto": a model
+    directory exported to ONNX in memory and run by onnxruntime where it exports, else torch."""
     if runtime == "torch":
         from gaikan.detectors.base import load_detector
 
@@ -319,9 +324,43 @@ def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
 
         if Path(model).is_dir():
             raise GaikanError(f"{model} is a model directory; --runtime onnx takes the .onnx file written by "
-                              "`gaikan export`")
+                              "`gaikan export` (or use --runtime auto)")
         return OnnxDetector(model, threads=threads)
+    if runtime == "auto":
+        if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
+            return load_scorer(model, "onnx", threads=threads)
+        detector = load_scorer(model, "torch")
+        data = exported_onnx(detector)
+        return detector if data is None else onnx_scorer_from_bytes(data, threads=threads)
     raise GaikanError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def exported_onnx(detector) -> bytes | None:
+    """The detector's whole scoring path as ONNX bytes (``gaikan export``), or None where it does not
+    export (detectors without a scoring module, tiled models, onnx not installed)."""
+    import tempfile
+
+    try:
+        from gaikan.export.onnx_export import export_onnx
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="gaikan-onnx-") as tmp:
+        try:
+            export_onnx(detector, Path(tmp) / "model.onnx")
+        except (GaikanError, ImportError):
+            return None
+        return (Path(tmp) / "model.onnx").read_bytes()
+
+
+def onnx_scorer_from_bytes(data: bytes, *, threads: int = 0):
+    """An OnnxDetector for ONNX bytes (written to a temporary file that onnxruntime reads once)."""
+    import tempfile
+
+    from gaikan.export.runtime import OnnxDetector
+
+    with tempfile.TemporaryDirectory(prefix="gaikan-onnx-") as tmp:
+        (Path(tmp) / "model.onnx").write_bytes(data)
+        return OnnxDetector(Path(tmp) / "model.onnx", threads=threads)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -345,49 +384,93 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def predict_files(detector: Detector, inputs: Sequence[str | Path], out_dir: Path, *, force: bool = False,
                   figures: bool = True, batch_size: int = 16) -> list[Prediction]:
-    """Score image files; write results.csv, ng_list.txt and one figure per image into ``out_dir``.
+    """Score image files with a loaded detector in this process; write results.csv, ng_list.txt and
+    one figure per image into ``out_dir``.
 
     Unreadable files are listed with verdict UNREADABLE and their error; the rest are still scored.
+    (``predict_with_engine`` is the same job on an engine: local or Ray.)
     """
-    from gaikan.evaluation.plots import plot_inspection
-
     paths = expand_inputs(inputs)
+    fig_dir = start_results_dir(out_dir, force=force)
+    names = figure_names(paths)
+    predictions: list[Prediction] = []
+    for sl in track(batches(len(paths), batch_size), "predict", total=None):
+        predictions += score_paths(detector, paths[sl], names[sl], fig_dir, figures=figures)
+    return finish_predictions(predictions, paths, out_dir)
+
+
+def predict_with_engine(model: str | Path, inputs: Sequence[str | Path], out_dir: Path, *, engine,
+                        runtime: str | None = None, threads: int = 0, force: bool = False, figures: bool = True,
+                        batch_size: int = 16) -> list[Prediction]:
+    """``gaikan predict``: the same results.csv, ng_list.txt and figures whichever engine scores
+    (gaikan.engine: ``local`` in this process, ``ray`` on an actor pool). ``model`` is a model
+    directory (or an .onnx file with runtime "onnx"); the engine loads it where it scores."""
+    paths = expand_inputs(inputs)
+    fig_dir = start_results_dir(out_dir, force=force)
+    predictions = engine.predict(model, paths, figure_names(paths), fig_dir, runtime=runtime, threads=threads,
+                                 figures=figures, batch_size=batch_size)
+    return finish_predictions(predictions, paths, out_dir)
+
+
+def start_results_dir(out_dir: Path, *, force: bool) -> Path:
+    """Refuse a non-empty results directory (unless force); create it and its figures/ folder."""
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, overwrite=force, what="results directory")
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    return fig_dir
+
+
+def figure_names(paths: Sequence[Path]) -> list[str]:
+    """One unique figure name per input path, in input order (fixed before scoring, so that every
+    engine names the figures alike whatever order its batches finish in)."""
+    used: set[str] = set()
+    return [_unique_name(Path(p).stem, used) for p in paths]
+
+
+def score_paths(detector, paths: Sequence[Path], names: Sequence[str], fig_dir: Path | None, *,
+                figures: bool = True) -> list[Prediction]:
+    """Read, score and (optionally) draw one batch of files: one Prediction per path, UNREADABLE with
+    the read error for a file that cannot be decoded. The unit of work of every engine."""
+    from gaikan.evaluation.plots import plot_inspection
+
     threshold = detector.threshold
     predictions: list[Prediction] = []
-    used_names: set[str] = set()
-    for sl in track(batches(len(paths), batch_size), "predict", total=None):
-        readable, images = [], []
-        for path in paths[sl]:
-            try:
-                images.append(read_image(path))
-                readable.append(path)
-            except ImageReadError as exc:
-                predictions.append(Prediction(str(path), None, UNREADABLE, threshold, error=str(exc)))
-        if not images:
-            continue
-        result = detector.score(images)
-        p_values = detector.p_values(result.scores)
-        for i, (path, image) in enumerate(zip(readable, images)):
-            score = float(result.scores[i])
-            verdict = "NG" if score > threshold else "OK"
-            pred = Prediction(str(path), score, verdict, threshold,
-                              p_value=None if p_values is None else float(p_values[i]))
-            if figures:
-                name = _unique_name(path.stem, used_names)
-                amap = None if result.maps is None else result.maps[i]
-                hi = max(2.0 * threshold, float(amap.max())) if amap is not None else None
-                plot_inspection(image, amap, fig_dir / f"{name}.png", threshold=threshold, score=score,
-                                verdict=verdict, title=path.name,
-                                map_range=None if amap is None else (float(amap.min()), hi))
-                pred.figure = f"figures/{name}.png"
-            predictions.append(pred)
+    readable, images, kept_names = [], [], []
+    for path, name in zip(paths, names):
+        try:
+            images.append(read_image(path))
+            readable.append(Path(path))
+            kept_names.append(name)
+        except ImageReadError as exc:
+            predictions.append(Prediction(str(path), None, UNREADABLE, threshold, error=str(exc)))
+    if not images:
+        return predictions
+    result = detector.score(images)
+    p_values = detector.p_values(result.scores)
+    for i, (path, image, name) in enumerate(zip(readable, images, kept_names)):
+        score = float(result.scores[i])
+        verdict = "NG" if score > threshold else "OK"
+        pred = Prediction(str(path), score, verdict, threshold,
+                          p_value=None if p_values is None else float(p_values[i]))
+        if figures and fig_dir is not None:
+            amap = None if result.maps is None else result.maps[i]
+            hi = max(2.0 * threshold, float(amap.max())) if amap is not None else None
+            plot_inspection(image, amap, Path(fig_dir) / f"{name}.png", threshold=threshold, score=score,
+                            verdict=verdict, title=path.name,
+                            map_range=None if amap is None else (float(amap.min()), hi))
+            pred.figure = f"figures/{name}.png"
+        predictions.append(pred)
+    return predictions
+
+
+def finish_predictions(predictions: list[Prediction], paths: Sequence[Path], out_dir: Path) -> list[Prediction]:
+    """Put the predictions in input order, check that every input file has exactly one, write them."""
     order = {str(p): i for i, p in enumerate(paths)}
-    predictions.sort(key=lambda p: order[p.path])
-    write_predictions(predictions, out_dir)
+    predictions = sorted(predictions, key=lambda p: order[p.path])
+    if len(predictions) != len(paths) or len({p.path for p in predictions}) != len(set(order)):
+        raise GaikanError(f"internal error: {len(paths)} input files but {len(predictions)} results")
+    write_predictions(predictions, Path(out_dir))
     return predictions
 
 

@@ -114,7 +114,7 @@ class Detector:
     # ---- the interface --------------------------------------------------------------------
     def fit(self, images: Sequence[np.ndarray], labels: Sequence[int] | None = None, *,
             validation_fraction: float = 0.1, threshold_method: str = "max-good",
-            quantile: float = 0.995, false_alarm_rate: float | None = None) -> "Detector":
+            quantile: float = 0.995, false_alarm_rate: float | None = None, engine=None) -> "Detector":
         """Learn from ``images`` (good parts; supervised detectors also take labels, 1 = NG).
 
         A seeded ``validation_fraction`` of the good images is held out of training; their scores
@@ -122,6 +122,9 @@ class Detector:
         ``false_alarm_rate`` is given) and are stored with the model. ``threshold_method`` picks the
         model's default. With ``validation_fraction=0`` the thresholds come from the training scores
         themselves (optimistic; recorded as such in ``fit_info_``).
+
+        ``engine``: where the training work runs (gaikan.engine; None = in this process). Only
+        detectors with ``distributed_fit`` (PaDiM, PatchCore) take another one.
         """
         images = check_images(images)
         if labels is None:
@@ -150,9 +153,20 @@ class Detector:
         usable = labels >= 0 if self.supervised else labels == 0
         train_idx = np.setdiff1d(np.flatnonzero(usable), val_idx)
         train_labels = labels[train_idx]
-        self._fit([images[i] for i in train_idx], train_labels if self.supervised else None)
+        if engine is not None and getattr(engine, "in_process", False):
+            engine = None  # the local engine: this process, the plain path
+        if engine is not None and not getattr(self, "distributed_fit", False):
+            raise SettingsError(f"{self.name} is fitted in one process only; the {engine.name} engine fits "
+                                f"{', '.join(n for n, c in sorted(_REGISTRY.items()) if getattr(c, 'distributed_fit', False))}")
+        self._engine = engine
+        try:
+            self._fit([images[i] for i in train_idx], train_labels if self.supervised else None)
+        finally:
+            self._engine = None
         self.fitted_ = True
         calibration = [images[i] for i in val_idx] if n_val else [images[i] for i in train_idx if labels[i] == 0]
+        # detectors that can be updated keep their held-out images to recalibrate after an update
+        self.calibration_images_ = calibration if (n_val and getattr(self, "updatable", False)) else None
         self.calibrate(self._score(calibration).scores, threshold_method=threshold_method, quantile=quantile,
                        false_alarm_rate=false_alarm_rate)
         self.fit_info_ = {
@@ -162,6 +176,9 @@ class Detector:
             "n_calibration": int(len(calibration)),
             "calibrated_on": "held-out good images" if n_val else "training images (optimistic)",
             "validation_fraction": float(validation_fraction),
+            "image_shape": _common_shape(images),
+            "quantile": float(quantile),
+            "false_alarm_rate": None if false_alarm_rate is None else float(false_alarm_rate),
         }
         return self
 
@@ -268,6 +285,13 @@ def _check_conformal_calibration_size(alpha: float, n_good: int, n_val: int, val
         f"false-alarm rate {alpha:g} needs at least {needed} good calibration images for a conformal "
         f"threshold, but only {n_cal} of the {n_good} good images are held out for calibration; {how}"
     )
+
+
+def _common_shape(images: Sequence[np.ndarray]) -> list[int] | None:
+    """The (H, W[, C]) all images share, None if they differ (recorded at fit time; ``gaikan update``
+    refuses new images of another size or channel count)."""
+    shapes = {tuple(int(v) for v in img.shape) for img in images}
+    return list(shapes.pop()) if len(shapes) == 1 else None
 
 
 def check_images(images) -> list[np.ndarray]:

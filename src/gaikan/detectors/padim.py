@@ -21,10 +21,22 @@ surface looks the same everywhere, photographed at no fixed position): one Gauss
 the patches of every position, M(x_p) = || W (x_p - mu) ||. It needs far fewer images (every image
 gives P samples) and does not care where the texture's pattern falls in the frame.
 ``n_features=0`` keeps every channel of the taps (d = sum of the taps' channels).
+
+The fit is three pure steps, shared by the local fit, the Ray fit (gaikan.engine) and ``gaikan update``:
+
+    accumulate_sums  one batch of embeddings at a time into GaussianSums (n, shift s, S1, S2), with
+                     S1 = sum_i (x_i - s) and S2 = sum_i (x_i - s)(x_i - s)^T, s the first batch's mean
+    combine_sums     partial sums of disjoint image sets -> the sums of their union (exact: each part
+                     is re-centred to the first part's shift, see ``recentre``)
+    finalize_sums    sums -> mu_p = s + S1 / n and W_p (``whitening_factors``)
+
+With ``updatable=True`` (default) the saved model keeps the sums (S2 as its upper triangle), so new
+good images can be added later without recomputing the old ones' features (``gaikan update``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -59,6 +71,85 @@ def embed(features: list[torch.Tensor], channel_index: torch.Tensor, offsets: li
             part = F.interpolate(part, size=size, mode="nearest")
         parts.append(part)
     return torch.cat(parts, dim=1)
+
+
+@dataclass
+class GaussianSums:
+    """Streamed per-position statistics of n embeddings (P positions, d features).
+
+    shift (P, d) float32: the first batch's mean (keeps the float32 products well conditioned);
+    sum_x (P, d) float64: S1 = sum (x - shift); sum_xxt (P, d, d) float64: S2 = sum (x - shift)(x - shift)^T;
+    grid: the (h, w) grid of the P positions.
+    """
+
+    n: int
+    shift: torch.Tensor
+    sum_x: torch.Tensor
+    sum_xxt: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+
+def accumulate_sums(sums: GaussianSums | None, samples: torch.Tensor) -> GaussianSums:
+    """Add samples (G, S, d) -- S samples of each of G groups (positions, or one shared group) -- to
+    ``sums`` (None: start; the samples' mean is the shift). The outer products are one float32 batched
+    product on shifted samples (well conditioned), added into the float64 totals without a float64 copy."""
+    if sums is None:
+        shift = samples.mean(1)
+        groups, d = shift.shape
+        sums = GaussianSums(0, shift, torch.zeros(groups, d, dtype=torch.float64),
+                            torch.zeros(groups, d, d, dtype=torch.float64))
+    sx, sxx = moment_sums(samples, sums.shift)
+    sums.sum_x.add_(sx)
+    sums.sum_xxt.add_(sxx)
+    sums.n += samples.shape[1]
+    return sums
+
+
+def recentre(sums: GaussianSums, shift: torch.Tensor) -> GaussianSums:
+    """The same statistics about another shift t, in float64: with delta = s - t,
+    sum (x - t) = S1 + n delta and sum (x - t)(x - t)^T = S2 + S1 delta^T + delta S1^T + n delta delta^T."""
+    delta = sums.shift.double() - shift.double()
+    sum_xxt = (sums.sum_xxt + sums.sum_x[:, :, None] * delta[:, None, :] + delta[:, :, None] * sums.sum_x[:, None, :]
+               + sums.n * delta[:, :, None] * delta[:, None, :])
+    return GaussianSums(sums.n, shift, sums.sum_x + sums.n * delta, sum_xxt, sums.grid)
+
+
+def combine_sums(parts: Sequence[GaussianSums]) -> GaussianSums:
+    """Sums of disjoint image sets -> the sums of their union, about the first part's shift."""
+    parts = [p for p in parts if p is not None and p.n > 0]
+    if not parts:
+        raise SettingsError("no embeddings to combine")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    total = GaussianSums(first.n, first.shift, first.sum_x.clone(), first.sum_xxt.clone(), first.grid)
+    for part in parts[1:]:
+        if part.sum_x.shape != total.sum_x.shape:
+            raise SettingsError(f"cannot combine PaDiM sums of shapes {tuple(total.sum_x.shape)} and "
+                                f"{tuple(part.sum_x.shape)} (other grid or n_features)")
+        if not torch.equal(part.shift, total.shift):
+            part = recentre(part, total.shift)
+        total.n += part.n
+        total.sum_x += part.sum_x
+        total.sum_xxt += part.sum_xxt
+    return total
+
+
+def finalize_sums(sums: GaussianSums, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums -> (means (P, d), whitening matrices W_p (P, d, d)), both float32."""
+    mean_centred, whiten = whitening_factors(sums.sum_x, sums.sum_xxt, sums.n, eps)
+    return mean_centred + sums.shift, whiten
+
+
+def padim_partial_sums(payload: dict, images: Sequence[np.ndarray]) -> GaussianSums:
+    """A worker's share of a PaDiM fit: the sums of its images' embeddings.
+
+    payload: {"settings": PaDiM settings, "channel_index": the fit's chosen channels (numpy)}; the
+    images are already tiles when tiling is on. Module-level so that engines can ship it to workers.
+    """
+    det = PaDiM(**payload["settings"])
+    det.channel_index_ = torch.as_tensor(np.asarray(payload["channel_index"])).long()
+    return det.partial_sums(list(images))
 
 
 def whitening_factors(sum_x: torch.Tensor, sum_xxt: torch.Tensor, n: int, eps: float,
@@ -123,13 +214,20 @@ class PaDiM(Detector):
             tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
         accumulate: images whose outer products are summed in one float32 product before the float64
             totals are updated (memory: accumulate x positions x d floats).
+        updatable: keep what ``gaikan update`` needs to add good images later: the streamed sums
+            (float64; S2 as its upper triangle, about twice the size of the whitening matrices) and
+            the held-out calibration images (to recalibrate). False: a smaller model, not updatable.
         seed: seeds the channel choice and the validation split.
     """
+
+    #: the fit is a sum over images: engines may split it (gaikan.engine, ``fit --engine ray``)
+    distributed_fit = True
 
     def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (1, 2, 4),
                  n_features: int = 100, gaussian: str = "per-position", eps: float = 0.01, sigma: float = 4.0,
                  batch_size: int = 8, storage_dtype: str = "float32", tile_size: int = 0,
-                 tile_overlap: float = 0.25, tile_reduce: str = "max", accumulate: int = 32, seed: int = 0):
+                 tile_overlap: float = 0.25, tile_reduce: str = "max", accumulate: int = 32,
+                 updatable: bool = True, seed: int = 0):
         self.image_size = int(image_size)
         self.backbone = str(backbone)
         self.stages = tuple(int(s) for s in stages)
@@ -143,6 +241,7 @@ class PaDiM(Detector):
         self.tile_overlap = float(tile_overlap)
         self.tile_reduce = str(tile_reduce)
         self.accumulate = int(accumulate)
+        self.updatable = bool(updatable)
         self.seed = int(seed)
         self._extractor: FeatureExtractor | None = None
         self._tap_offsets: list[int] | None = None
@@ -176,6 +275,23 @@ class PaDiM(Detector):
         self.grid_ = tuple(emb.shape[-2:])
         return emb.flatten(2).transpose(1, 2).contiguous()
 
+    def partial_sums(self, images: list[np.ndarray]) -> GaussianSums:
+        """Stream the images' embeddings (channel_index_ chosen) into GaussianSums: the batches of
+        ``accumulate`` images at a time go into one float32 product (see ``accumulate_sums``). Per
+        position, the groups are the P positions and n counts images; shared, one group and n counts
+        patches."""
+        shared = self.gaussian == "shared"
+        sums, pending, n_pending = None, [], 0
+        for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
+            emb = self._embed_batch(images[sl])  # (B, P, d)
+            pending.append(emb.reshape(1, -1, emb.shape[-1]) if shared else emb.transpose(0, 1))  # (G, S, d)
+            n_pending += emb.shape[0]
+            if n_pending >= self.accumulate or sl.stop == len(images):
+                sums = accumulate_sums(sums, torch.cat(pending, dim=1))
+                pending, n_pending = [], 0
+        sums.grid = self.grid_
+        return sums
+
     def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
         self._check_settings()
         if self.tile_size:
@@ -191,39 +307,21 @@ class PaDiM(Detector):
             self.channel_index_ = torch.arange(total)
         else:
             self.channel_index_ = torch.from_numpy(np.sort(rng.choice(total, self.n_features, replace=False)))
-        shared = self.gaussian == "shared"
-        # Sums of (x - shift) and its outer products; the shift (the first batch's mean) keeps the
-        # float32 products well conditioned, the running totals are float64.
-        shift = sum_x = sum_xxt = None
-        pending: list[torch.Tensor] = []
-        n_pending = 0
+        engine = getattr(self, "_engine", None)
+        if engine is None:  # in this process, one share
+            parts = [self.partial_sums(images)]
+        else:
+            payload = {"settings": self.settings(), "channel_index": self.channel_index_.numpy()}
+            parts = engine.map_shares(padim_partial_sums, payload, images)
+        self._set_sums(combine_sums(parts))
 
-        def flush():
-            nonlocal sum_x, sum_xxt, n_pending
-            sx, sxx = moment_sums(torch.cat(pending, dim=1), shift)
-            if sum_x is None:
-                sum_x = torch.zeros(sx.shape, dtype=torch.float64)
-                sum_xxt = torch.zeros(sxx.shape, dtype=torch.float64)
-            sum_x.add_(sx)
-            sum_xxt.add_(sxx)  # float32 added into the float64 totals, no float64 copy
-            pending.clear()
-            n_pending = 0
-
-        for sl in track(batches(len(images), self.batch_size), "PaDiM: features"):
-            emb = self._embed_batch(images[sl])  # (B, P, d)
-            groups = emb.reshape(1, -1, emb.shape[-1]) if shared else emb.transpose(0, 1)  # (G, S, d)
-            if shift is None:
-                shift = groups.mean(1)
-            pending.append(groups)
-            n_pending += emb.shape[0]
-            if n_pending >= self.accumulate:
-                flush()
-        if pending:
-            flush()
-        n_samples = len(images) * (self.grid_[0] * self.grid_[1] if shared else 1)
-        mean_centred, whiten = whitening_factors(sum_x, sum_xxt, n_samples, self.eps)
+    def _set_sums(self, sums: GaussianSums) -> None:
+        """Build the model from the sums (fit and update), and keep them when ``updatable``."""
+        mean, whiten = finalize_sums(sums, self.eps)
         self.whiten_ = whiten.to(STORAGE_DTYPES[self.storage_dtype]).float()  # rounded as it will be stored
-        self.mean_ = mean_centred + shift
+        self.mean_ = mean
+        self.grid_ = tuple(sums.grid)
+        self.sums_ = sums if self.updatable else None
 
     def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""
@@ -252,7 +350,47 @@ class PaDiM(Detector):
             "mean": self.mean_.numpy(),
             "whiten_tril": self.whiten_[:, rows, cols].to(STORAGE_DTYPES[self.storage_dtype]).numpy(),
             "grid": np.asarray(self.grid_, dtype=np.int64),
+            **self._sums_state(),
         }
+
+    def _sums_state(self) -> dict[str, np.ndarray]:
+        sums = getattr(self, "sums_", None)
+        if sums is None:
+            return {}
+        d = sums.sum_x.shape[-1]
+        rows, cols = torch.triu_indices(d, d)
+        return {"sums_n": np.asarray([sums.n], dtype=np.int64), "sums_shift": sums.shift.numpy(),
+                "sums_x": sums.sum_x.numpy(), "sums_xxt_triu": sums.sum_xxt[:, rows, cols].numpy()}
+
+    def load_sums(self, state: dict[str, np.ndarray]) -> GaussianSums | None:
+        """The kept sums from a saved model's tensors (None if it has none). Loading a model does not
+        keep them in memory (a scorer has no use for them); ``gaikan update`` reads them with this."""
+        if "sums_n" not in state:
+            return None
+        n_pos, d = self.mean_.shape
+        triu = torch.from_numpy(state["sums_xxt_triu"])
+        if triu.shape != (n_pos, d * (d + 1) // 2) or state["sums_x"].shape != (n_pos, d):
+            raise ModelFormatError(f"PaDiM sums have inconsistent shapes: sums_x {state['sums_x'].shape}, "
+                                   f"sums_xxt_triu {tuple(triu.shape)} for {n_pos} positions x {d} features")
+        rows, cols = torch.triu_indices(d, d)
+        sum_xxt = torch.zeros(n_pos, d, d, dtype=torch.float64)
+        sum_xxt[:, rows, cols] = triu.double()
+        sum_xxt[:, cols, rows] = triu.double()
+        return GaussianSums(int(state["sums_n"].reshape(-1)[0]), torch.from_numpy(state["sums_shift"]).float(),
+                            torch.from_numpy(state["sums_x"]).double(), sum_xxt, self.grid_)
+
+    def add_images(self, images: list[np.ndarray]) -> None:
+        """Add good images to the fitted model without the old ones: their sums are added to the kept
+        sums and the Gaussians rebuilt (the same model as a fit on the old and the new images together).
+        Thresholds are not touched here (``gaikan.update`` recalibrates)."""
+        self._check_fitted()
+        if getattr(self, "sums_", None) is None:
+            raise SettingsError("this PaDiM model has no streamed sums in memory (a loaded model: read them with "
+                                "load_sums) or was saved without its streamed sums (updatable=false or an older "
+                                "gaikan), so images cannot be added to it: refit it with updatable=true")
+        if self.tile_size:
+            images = tile_views(images, self.tile_size, self.tile_overlap)
+        self._set_sums(combine_sums([self.sums_, self.partial_sums(list(images))]))
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
         self._check_settings()
@@ -267,3 +405,5 @@ class PaDiM(Detector):
         self.whiten_ = torch.zeros(n_pos, d, d)
         self.whiten_[:, rows, cols] = tril
         self.grid_ = tuple(int(v) for v in state["grid"])
+        self.sums_ = None  # not kept when loading: see load_sums
+        self.saved_with_sums_ = "sums_n" in state

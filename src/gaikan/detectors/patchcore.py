@@ -79,30 +79,33 @@ def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
 
 
 def kcenter_greedy_t(points_t: torch.Tensor, n_select: int, start: int = 0,
-                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                     progress: Callable[[int], None] | None = None,
+                     init_min_d: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy k-center selection on points given TRANSPOSED, (D, N) contiguous (the fast layout for
     the per-iteration product v^T X). Returns the (n_select,) indices, ``start`` first.
 
     min_d holds each point's squared distance to the selected set; each iteration adds its argmax and
     updates min_d with ||x||^2 - 2 x.c + ||c||^2 for the new centre c: O(N D) per iteration, no N x N.
     The selection is incremental: its first k indices are the k-center selection of size k.
-    ``progress(i)``, when given, is called after the (i + 1)-th selection.
+    ``progress(i)``, when given, is called after the (i + 1)-th selection. ``init_min_d`` (N,), when
+    given, are the squared distances to centres selected before (an existing bank): the selection
+    continues from them (``start`` should then be their argmax).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound small products: a second thread only adds synchronisation
     try:
-        return _kcenter_loop(points_t, n_select, start, progress)
+        return _kcenter_loop(points_t, n_select, start, progress, init_min_d)
     finally:
         torch.set_num_threads(threads)
 
 
-def _kcenter_loop(points_t: torch.Tensor, n_select: int, start: int,
-                  progress: Callable[[int], None] | None) -> torch.Tensor:
+def _kcenter_loop(points_t: torch.Tensor, n_select: int, start: int, progress: Callable[[int], None] | None,
+                  init_min_d: torch.Tensor | None) -> torch.Tensor:
     _, n = points_t.shape
     n_select = min(int(n_select), n)
     sq = points_t.square().sum(0)  # (N,)
     selected = torch.empty(n_select, dtype=torch.long)
-    min_d = torch.full((n,), torch.inf)
+    min_d = torch.full((n,), torch.inf) if init_min_d is None else init_min_d.float().clone()
     buf = torch.empty(1, n)
     idx = int(start)
     for i in range(n_select):
@@ -158,6 +161,35 @@ def greedy_coreset(features: torch.Tensor, fraction: float, *, projection_dim: i
         selected.append(picked if members is None else members[picked])
         done += k
     return torch.cat(selected)
+
+
+def extend_coreset(bank: torch.Tensor, features: torch.Tensor, n_add: int, *, projection_dim: int = 32,
+                   seed: int = 0) -> torch.Tensor:
+    """Indices of ``n_add`` of the new (N, D) features to append to an existing (M, D) bank: greedy
+    k-center continued from the bank (every bank entry counts as already selected), on the same seeded
+    projection as ``greedy_coreset``; the first pick is the new patch farthest from the bank."""
+    n, d = features.shape
+    n_add = min(max(int(n_add), 0), n)
+    if n_add == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if projection_dim and projection_dim < d:
+        proj = random_projection(d, projection_dim, seed)
+        points_t = torch.mm(proj.t(), features.t())
+        bank_p = torch.mm(bank.float(), proj)
+    else:
+        points_t = features.t().contiguous()
+        bank_p = bank.float()
+    memory = MemoryBank(bank_p)
+    init = memory.nearest(points_t.t())[0][:, 0].square()
+    return kcenter_greedy_t(points_t, n_add, int(torch.argmax(init)), init_min_d=init)
+
+
+def patchcore_patch_features(payload: dict, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """A worker's share of a PatchCore fit: the (N * h * w, D) patch features of its images (tiles
+    already cut). Module-level so that engines can ship it to workers; returned with the grid."""
+    det = PatchCore(**payload["settings"])
+    features = det.patch_features(list(images))
+    return features, det.grid_
 
 
 class MemoryBank:
@@ -235,15 +267,20 @@ class PatchCore(Detector):
         tile_size, tile_overlap, tile_reduce: tiling of large images (gaikan.detectors.tiling);
             tile_size 0 = off (plain resize), overlap a fraction of the tile, overlaps by max or mean.
         chunk_mb: memory bound of one block of the nearest-neighbour search.
+        updatable: keep the held-out calibration images in the saved model, so that ``gaikan update``
+            can recalibrate after extending the bank (False: a smaller model, not updatable).
         seed: seeds the projection, the coreset start and the validation split.
     """
+
+    #: features are per image: engines may extract them on workers (the coreset stays on the driver)
+    distributed_fit = True
 
     def __init__(self, image_size: int = 224, backbone: str = "lite0", stages: Sequence[int] = (2, 4),
                  feature_dim: int = 0, coreset_fraction: float = 0.01, coreset_chunk: int = 524288,
                  projection_dim: int = 32, reweight: bool = False,
                  num_neighbors: int = 9, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
                  tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", chunk_mb: float = 64.0,
-                 seed: int = 0):
+                 updatable: bool = True, seed: int = 0):
         self.image_size = int(image_size)
         self.backbone = str(backbone)
         self.stages = tuple(int(s) for s in stages)
@@ -260,6 +297,7 @@ class PatchCore(Detector):
         self.tile_overlap = float(tile_overlap)
         self.tile_reduce = str(tile_reduce)
         self.chunk_mb = float(chunk_mb)
+        self.updatable = bool(updatable)
         self.seed = int(seed)
         self._extractor: FeatureExtractor | None = None
         self._memory: MemoryBank | None = None
@@ -309,7 +347,13 @@ class PatchCore(Detector):
         if self.tile_size:
             images = tile_views(images, self.tile_size, self.tile_overlap)
         start = time.perf_counter()
-        features = self.patch_features(images)
+        engine = getattr(self, "_engine", None)
+        if engine is None:  # in this process
+            features = self.patch_features(images)
+        else:  # features on the workers, the coreset selection here
+            parts = engine.map_shares(patchcore_patch_features, {"settings": self.settings()}, images)
+            features = torch.cat([f for f, _ in parts])
+            self.grid_ = tuple(parts[0][1])
         middle = time.perf_counter()
         index = greedy_coreset(features, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed,
                                chunk=self.coreset_chunk)
@@ -321,6 +365,23 @@ class PatchCore(Detector):
         self.bank_ = bank.to(dtype).float()  # rounded as it will be stored: same scores after reload
         self.n_patches_ = int(self.grid_[0] * self.grid_[1] * len(images))
         self._memory = None
+
+    def add_images(self, images: list[np.ndarray]) -> int:
+        """Extend the memory bank with the patches of new good images, without the old images: the
+        coreset_fraction of the new patches chosen by greedy k-center continued from the bank
+        (``extend_coreset``). Returns the number of bank entries added. Thresholds are not touched
+        here (``gaikan.update`` recalibrates)."""
+        self._check_fitted()
+        if self.tile_size:
+            images = tile_views(images, self.tile_size, self.tile_overlap)
+        features = self.patch_features(list(images))
+        n_add = max(1, int(round(self.coreset_fraction * len(features))))
+        index = extend_coreset(self.bank_, features, n_add, projection_dim=self.projection_dim, seed=self.seed)
+        added = features[index].to(STORAGE_DTYPES[self.storage_dtype]).float()
+        self.bank_ = torch.cat([self.bank_, added])
+        self.n_patches_ += int(len(features))
+        self._memory = None
+        return int(len(index))
 
     def _maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain scoring of a batch at the working size -> (maps (B, S, S), scores (B,))."""

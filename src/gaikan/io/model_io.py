@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.npz"
 _BASE_PREFIX = "base__"  # arrays owned by the Detector base class rather than by the method
+CALIBRATION_IMAGE = "calibration_image_"  # + 5 digits: the held-out images of updatable detectors
 
 
 def sha256_file(path: Path) -> str:
@@ -55,6 +56,8 @@ def save_detector(detector, path, *, overwrite: bool = False) -> Path:
     arrays = {k: np.ascontiguousarray(v) for k, v in detector._state().items()}
     if getattr(detector, "calibration_scores_", None) is not None:
         arrays[_BASE_PREFIX + "calibration_scores"] = np.asarray(detector.calibration_scores_, dtype=np.float32)
+    for i, image in enumerate(getattr(detector, "calibration_images_", None) or []):  # updatable detectors
+        arrays[f"{_BASE_PREFIX}{CALIBRATION_IMAGE}{i:05d}"] = np.asarray(image)
     for key, value in arrays.items():
         if value.dtype == object:
             raise GaikanError(f"internal error: state {key!r} is not a plain numeric array")
@@ -158,6 +161,7 @@ def load_detector(path):
     base = {k[len(_BASE_PREFIX):]: v for k, v in arrays.items() if k.startswith(_BASE_PREFIX)}
     detector._load_state({k: v for k, v in arrays.items() if not k.startswith(_BASE_PREFIX)})
     detector.calibration_scores_ = base.get("calibration_scores")
+    detector.calibration_images_ = [base[k] for k in sorted(base) if k.startswith(CALIBRATION_IMAGE)] or None
     detector.thresholds_ = Thresholds(default_method=thresholds["default"],
                                       values={k: float(v) for k, v in thresholds["values"].items()})
     detector.fit_info_ = manifest.get("fit", {})
