@@ -115,3 +115,27 @@ def test_real_defective_training_images_join_the_check_set(defect_split):
     det, selection = select_detector(images, labels, grid=(WEAK, STRONG), seed=1, budget=100)
     assert selection.n_real_defects == 5 and selection.chosen == "strong"
     assert selection.n_fit == len(defect_split.train) - selection.n_check_good  # defects never fitted on
+
+
+def test_the_tap_cache_gives_the_same_scores_and_runs_the_backbone_once(defect_split):
+    """Under tap_cache (what auto's candidates share), a second detector on the same images and backbone
+    reuses the taps: identical scores to an uncached fit, whatever stages each one taps."""
+    from gaikan.backbones import features
+    from gaikan.backbones.features import tap_cache
+    from gaikan.detectors.padim import PaDiM
+    from gaikan.detectors.patchcore import PatchCore
+
+    train, test = defect_split.train.images[:12], defect_split.test.images[:6]
+    plain = PatchCore(image_size=64).fit(train, validation_fraction=0).score(test).scores
+    calls = []
+    real = features.prepare_batch
+    features.prepare_batch = lambda imgs, size: calls.append(len(imgs)) or real(imgs, size)
+    try:
+        with tap_cache():
+            PaDiM(image_size=64, n_features=20).fit(train, validation_fraction=0).score(test)
+            n_first = sum(calls)
+            cached = PatchCore(image_size=64).fit(train, validation_fraction=0).score(test).scores
+    finally:
+        features.prepare_batch = real
+    assert sum(calls) == n_first  # the second detector ran no backbone pass
+    np.testing.assert_array_equal(cached, plain)

@@ -15,6 +15,7 @@ of Lite0 and Lite1 / of Lite2:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -83,14 +84,23 @@ class FeatureExtractor(nn.Module):
         return [STAGE_STRIDES[s] for s in self.stages]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = self._run(x, self._tap_after)
+        return [taps[s] for s in self.stages]
+
+    def all_taps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every stage's output up to the deepest tapped one, by stage (one forward pass)."""
+        ends = _stage_end(self.backbone)
+        return self._run(x, {ends[s]: s for s in range(max(self.stages) + 1)})
+
+    def _run(self, x: torch.Tensor, tap_after: dict[int, int]) -> dict[int, torch.Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
         x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
         taps: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self._blocks):
             x = block(x)
-            if i in self._tap_after:
-                taps[self._tap_after[i]] = x
-        return [taps[s] for s in self.stages]
+            if i in tap_after:
+                taps[tap_after[i]] = x
+        return taps
 
 
 def normalise(batch: torch.Tensor) -> torch.Tensor:
@@ -98,6 +108,42 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(INPUT_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
     std = torch.tensor(INPUT_STD, dtype=batch.dtype).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+_TAP_CACHE: dict | None = None
+
+
+@contextmanager
+def tap_cache():
+    """While active, ``tap_features`` remembers the backbone's taps per batch of images (by the images'
+    identity, the backbone and the size): detectors that share a backbone and a working size -- the
+    candidates of ``--detector auto`` -- then run it once per image, whatever stages each one taps."""
+    global _TAP_CACHE
+    outer = _TAP_CACHE
+    _TAP_CACHE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _TAP_CACHE = outer
+
+
+def tap_features(extractor: "FeatureExtractor", images: Sequence[np.ndarray],
+                 size: tuple[int, int]) -> list[torch.Tensor]:
+    """``extractor(prepare_batch(images, size))`` under inference mode, from the cache when
+    ``tap_cache`` is active and these very images went through the same backbone at this size."""
+    if _TAP_CACHE is None:
+        with torch.inference_mode():
+            return extractor(prepare_batch(images, size))
+    key = (extractor.backbone, tuple(size), tuple(id(img) for img in images))
+    entry = _TAP_CACHE.get(key)
+    if entry is None or not set(extractor.stages) <= set(entry[0]):
+        with torch.inference_mode():
+            taps = extractor.all_taps(prepare_batch(images, size))  # every stage: later callers may want others
+        if entry is not None:
+            taps = {**entry[0], **taps}
+        # the images are kept referenced, so their ids stay theirs while the entry lives
+        _TAP_CACHE[key] = entry = (taps, list(images))
+    return [entry[0][s] for s in extractor.stages]
 
 
 def prepare_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gaikan.backbones.features import FeatureExtractor, prepare_batch
+from gaikan.backbones.features import FeatureExtractor, tap_features
 from gaikan.detectors.base import Detector, ScoreResult, register
 from gaikan.detectors.maps import gaussian_blur, upsample
 from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
@@ -269,9 +269,9 @@ class PaDiM(Detector):
 
     def _embed_batch(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images -> (B, P, d) embeddings and remember the grid shape."""
-        x = prepare_batch(images, self.input_size)
+        feats = tap_features(self.extractor, images, self.input_size)
         with torch.inference_mode():
-            emb = embed(self.extractor(x), self.channel_index_, self._offsets())
+            emb = embed(feats, self.channel_index_, self._offsets())
         self.grid_ = tuple(emb.shape[-2:])
         return emb.flatten(2).transpose(1, 2).contiguous()
 

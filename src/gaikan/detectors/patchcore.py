@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gaikan.backbones.features import FeatureExtractor, prepare_batch, stage_channels
+from gaikan.backbones.features import FeatureExtractor, stage_channels, tap_features
 from gaikan.detectors.base import Detector, ScoreResult, register
 from gaikan.detectors.maps import gaussian_blur, upsample
 from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
@@ -328,9 +328,9 @@ class PatchCore(Detector):
 
     def _embed(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images -> (B, h, w, D) patch features; remembers the grid."""
-        x = prepare_batch(images, self.input_size)
+        taps = tap_features(self.extractor, images, self.input_size)
         with torch.inference_mode():
-            feats = locally_aware_features(self.extractor(x), self.feature_dim)
+            feats = locally_aware_features(taps, self.feature_dim)
         self.grid_ = tuple(feats.shape[-2:])
         return feats.permute(0, 2, 3, 1).contiguous()
 
