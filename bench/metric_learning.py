@@ -203,9 +203,9 @@ def write_patch_markdown(payload: dict) -> None:
         "the `split_sup == test` rows: mono 176 + 157, poly 276 + 201). The good training cells are the same 412 "
         "(mono) / 644 (poly) in both protocols; 10% of them are held out for the max-good threshold (accuracy). "
         f"fit s and ms/image with {payload.get('threads', '?')} torch thread(s) on the shared 2-core machine "
-        "under load from other jobs (load average 8-12): compare within one run only; backbone features were "
-        "cached across the variants of one type (bench/.work/features), so fit s and ms/image of the patch "
-        "detectors exclude most backbone time.",
+        "under heavy load from other jobs (load average 15-33, several of them at a higher priority): compare "
+        "within one run only. Backbone features are cached across the variants of one type "
+        "(bench/.work/features): the first variant to see an image pays its backbone pass, later ones read it.",
         "",
     ]
     for data in sorted({r["data"] for r in payload["results"].values()}):
