@@ -286,7 +286,7 @@ def predict(
 @app.command()
 @user_errors
 def export(
-    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore)."),
+    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore, patch-metric)."),
     out: Path = typer.Option(..., "--out", help="ONNX file to write (refused if it exists, unless --force)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):

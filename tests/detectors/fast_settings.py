@@ -11,6 +11,7 @@ FAST_SETTINGS = {
     "classifier-embedding": dict(image_size=48, epochs=8, batch_size=16),
     "cnn-classifier": dict(image_size=96, epochs=15),
 }
+FAST_SETTINGS["patch-metric"] = dict(image_size=96, epochs=3, steps_per_epoch=20, coreset_fraction=0.1)
 
 #: new options of a detector pass the same checks: label -> (detector name, settings)
 VARIANTS = {name: (name, settings) for name, settings in FAST_SETTINGS.items()}

@@ -4,8 +4,9 @@ from gaikan.detectors.base import Detector, ScoreResult, Thresholds, detector_na
 from gaikan.detectors.classifier import CNNClassifier
 from gaikan.detectors.padim import PaDiM
 from gaikan.detectors.patchcore import PatchCore
+from gaikan.detectors.patch_metric import PatchMetric
 from gaikan.detectors.siamese import SiameseDetector
 from gaikan.detectors.triplet import TripletDetector
 from gaikan.detectors.classifier_embedding import ClassifierEmbeddingDetector
 
-__all__ = ["ClassifierEmbeddingDetector", "CNNClassifier", "Detector", "PaDiM", "PatchCore", "SiameseDetector", "TripletDetector", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]
+__all__ = ["ClassifierEmbeddingDetector", "CNNClassifier", "Detector", "PaDiM", "PatchCore", "PatchMetric", "SiameseDetector", "TripletDetector", "ScoreResult", "Thresholds", "detector_names", "get_detector_class", "load_detector"]

@@ -83,7 +83,7 @@ def scoring_module(detector):
     make = getattr(detector, "scoring_module", None)
     if make is None:
         raise SettingsError(f"{detector.name} cannot be exported to ONNX (only detectors with a "
-                            "scoring_module(): padim, patchcore)")
+                            "scoring_module(): padim, patchcore, patch-metric)")
     if int(getattr(detector, "tile_size", 0) or 0):
         raise SettingsError(f"this {detector.name} model scores large images by tiling (tile_size="
                             f"{detector.tile_size}); the ONNX graph covers one image of the working size: "

@@ -17,6 +17,9 @@ Losses:
   L = mean( y e^2 + (1 - y) max(0, m - e)^2 ) / 2, y = 1 for a same-class pair.
 * triplet (Schroff et al., FaceNet, CVPR 2015): L = mean( max(0, d(a, p) - d(a, n) + m) ),
   margin m = 1.0 for ``euclidean`` and ``higher-order``, 0.4 for ``cosine``.
+* hypersphere (after CFA, Lee et al., IEEE Access 2022, with true negatives): good embeddings g are
+  pulled inside the sphere of radius r around their centre c, negatives n pushed beyond r^2 + m:
+  L = mean( max(0, ||g - c_g||^2 - r^2) ) + mean( max(0, r^2 + m - ||n - c_n||^2) ).
 """
 
 from __future__ import annotations
@@ -77,10 +80,19 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     return triplet_from_distances(distance(anchor, positive, kind), distance(anchor, negative, kind), m)
 
 
+def hypersphere_loss(good: torch.Tensor, good_centres: torch.Tensor, negative: torch.Tensor,
+                     negative_centres: torch.Tensor, radius: float = 0.5, margin: float = 1.0) -> torch.Tensor:
+    """CFA-like attraction / repulsion: mean(max(0, ||g - c||^2 - r^2)) + mean(max(0, r^2 + m - ||n - c||^2))."""
+    r2 = float(radius) ** 2
+    attract = F.relu((good - good_centres).square().sum(-1) - r2).mean()
+    repel = F.relu(r2 + float(margin) - (negative - negative_centres).square().sum(-1)).mean()
+    return attract + repel
+
+
 def default_margin(kind: str) -> float:
     _check(kind)
     return DEFAULT_MARGIN[kind]
 
 
 __all__ = ["DISTANCES", "distance", "pairwise_distance", "contrastive_loss", "triplet_loss",
-           "triplet_from_distances", "default_margin"]
+           "triplet_from_distances", "hypersphere_loss", "default_margin"]

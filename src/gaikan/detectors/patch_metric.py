@@ -1,0 +1,588 @@
+"""patch-metric: a metric learned at the level of patches, on frozen pretrained features.
+
+The whole-image metric learners (siamese, triplet) average thin defects away; this detector learns
+its metric where PatchCore measures, on the locally aware EfficientNet-Lite0 patch features of
+``gaikan.detectors.patchcore`` (stages 2 and 4, 224 px: a 28 x 28 grid of D = 152 features). Ideas
+from CFA (Lee, Lee & Song, "CFA: Coupled-hypersphere-based Feature Adaptation", IEEE Access 2022: a
+patch adaptor trained so that good patches fall inside hyperspheres around memorised good features)
+and SimpleNet (Liu et al., CVPR 2023: a feature adaptor, and anomalies made as Gaussian noise in
+feature space). Formulas and measurements: docs/patch_metric.md.
+
+Features x (D,) of each patch are computed once per fit (the backbone is frozen; no gradient through
+it), standardised by the good patches' mean vector mu and one scalar s (the RMS distance between good
+patches at the same position, so distances are O(1) and the losses' margins mean the same on every
+data set):  z = (x - mu) / s. A translation and one scale change no nearest neighbour, so before
+training the detector ranks patches exactly as PatchCore does.
+
+Adaptor (the "1x1 convolutions": the same map at every position, written on patch rows):
+    f(z) = W z + b                        (W (E, D), E = embedding_dim, initialised to the identity)
+    f(z) = y + V2 act(V1 y),  y = W z + b  (hidden > 0: a residual branch, V2 initialised to 0)
+so training starts from PatchCore's metric and moves it.
+
+Training tuples, drawn at random from the cached features each step (``positives``):
+    position:  an anchor and a positive are good patches at the same grid position p of two good
+               images (aligned parts); a negative is a defect patch at p.  anchor="mean": the anchor
+               is the mean good patch at p (the mean-image anchor at patch level).
+    neighbour: the anchor of a negative n is its nearest good patch in a random pool of good patches
+               (raw features), the positive the anchor's nearest pool neighbour (parts not aligned).
+Negatives: patches of synthetic defects (gaikan.data.synthetic) pasted into the good training images
+at the working size, where the defect mask covers >= 5% of the patch's 8 x 8 cell; patches of the
+given defective images (labels > 0: the ``split_sup`` rows through gaikan.pipeline.fit_detector), the
+``defect_patches`` share of each image's patches farthest from the good ones (no masks are given for
+them); and, with ``noise_std`` > 0, SimpleNet's feature-space anomalies z + noise_std * eps / sqrt(D),
+eps ~ N(0, I): noise of RMS length noise_std, in units of the RMS distance between good patches.
+
+Losses (gaikan.metric_learning.losses), on the adapted rows:
+    contrastive:  pairs (anchor, positive, same) and (anchor, negative, different), margin 2.0;
+    triplet:      max(0, d(a, p) - d(a, n) + m), distance euclidean (squared, m 1.0) or cosine (m 0.4);
+    hypersphere:  max(0, ||f(g) - c||^2 - r^2) + max(0, r^2 + m - ||f(n) - c||^2), the centre c = f(anchor),
+                  r = ``radius``, m = the margin (1.0): CFA's attraction / repulsion with true negatives.
+
+Score: the adapted patches of all good training images (L2-normalised for the cosine distance) form the
+memory, reduced by PatchCore's greedy k-center coreset (``greedy_coreset``) to ``coreset_fraction``;
+a patch scores its Euclidean distance to the nearest memory entry (``MemoryBank``), or with
+``scoring="centres"`` its distance to the adapted mean good patch of its own position. The grid is
+upsampled to the working size and smoothed (Gaussian, sigma 4) as PatchCore's; image score = max.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gaikan.backbones.features import STAGE_CHANNELS, FeatureExtractor, normalise, prepare_batch
+from gaikan.data.images import prepare_image
+from gaikan.detectors.base import Detector, ScoreResult, check_images, register
+from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.patchcore import MemoryBank, greedy_coreset, locally_aware_features
+from gaikan.errors import ModelFormatError, SettingsError
+from gaikan.metric_learning.losses import contrastive_loss, default_margin, hypersphere_loss, triplet_loss
+from gaikan.metric_learning.sampling import check_choice
+from gaikan.metric_learning.training import TrainSettings, train_network
+from gaikan.progress import batches, track
+
+LOSSES = ("contrastive", "triplet", "hypersphere")
+DISTANCES = ("euclidean", "cosine")
+ANCHORS = ("random", "mean")
+POSITIVES = ("position", "neighbour")
+NEGATIVES = ("auto", "synthetic", "real", "both", "noise")
+SCORINGS = ("memory", "centres")
+#: a synthetic-defect patch is a negative when its mask covers at least this share of its grid cell
+MASK_COVERAGE = 0.05
+#: good patches in the pool that neighbour-mode tuples are drawn from, per step
+NEIGHBOUR_POOL = 2048
+DEFAULT_MARGINS = {"contrastive": 2.0, "hypersphere": 1.0}
+
+
+# ---- pure functions -------------------------------------------------------------------------------
+def mask_coverage(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool masks -> (N, h * w) share of each grid cell covered (area average)."""
+    m = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
+    return F.adaptive_avg_pool2d(m, grid)[:, 0].reshape(len(masks), -1).numpy()
+
+
+def top_patches(distances: np.ndarray, share: float) -> np.ndarray:
+    """(N, P) patch distances -> (N, k) indices of each row's k = max(1, round(share P)) largest."""
+    k = max(1, int(round(share * distances.shape[1])))
+    return np.argsort(-distances, axis=1, kind="stable")[:, :k]
+
+
+class PatchAdaptor(nn.Module):
+    """The per-patch map f (module docstring): a linear layer (a 1x1 convolution on the feature map),
+    initialised to the identity (or, for E < D, to E seeded orthonormal rows), and an optional residual
+    branch whose last layer starts at zero. Works on (..., D) rows."""
+
+    def __init__(self, dim_in: int, dim_out: int, hidden: int = 0, seed: int = 0):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        with torch.no_grad():
+            if dim_out == dim_in:
+                self.linear.weight.copy_(torch.eye(dim_in))
+            else:
+                gen = torch.Generator().manual_seed(seed)
+                q, _ = torch.linalg.qr(torch.randn(dim_in, dim_out, generator=gen))
+                self.linear.weight.copy_(q.t())
+            self.linear.bias.zero_()
+        self.branch = None
+        if hidden > 0:
+            self.branch = nn.Sequential(nn.Linear(dim_out, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, dim_out))
+            with torch.no_grad():
+                self.branch[2].weight.zero_()
+                self.branch[2].bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.linear(z)
+        if self.branch is not None:
+            y = y + self.branch(y)
+        return y
+
+
+# ---- the detector ---------------------------------------------------------------------------------
+@register("patch-metric")
+class PatchMetric(Detector):
+    """Patch-level metric learning on frozen EfficientNet-Lite0 features (module docstring).
+
+    Settings:
+        image_size: working size in pixels; stages: backbone taps (as PatchCore: 2 = stride 8, 4 = stride 16).
+        embedding_dim: E, the adaptor's output (0 = D, the feature size); hidden: width of the residual
+            branch (0 = a linear adaptor).
+        loss: contrastive | triplet | hypersphere; distance: euclidean | cosine (triplet only);
+            margin: 0 = the loss's default; radius: r of the hypersphere loss.
+        anchor: random | mean (position mode); positives: position | neighbour.
+        negatives: auto (the given defect images if any, else synthetic) | synthetic | real | both |
+            noise (feature-space noise only); noise_std: SimpleNet noise negatives (0 = off, added to the
+            others); synthetic_ratio: synthetic defect images per good training image; defect_scale:
+            size of the synthetic defects; defect_patches: share of a given defect image's patches used
+            as negatives (its farthest from the good patches).
+        epochs, steps_per_epoch, batch_size (tuples per step), lr: Adam on the adaptor.
+        val_fraction: share of the good (and negative) images whose tuples give the validation loss.
+        scoring: memory (nearest adapted good patch) | centres (adapted mean good patch of the position).
+        coreset_fraction, projection_dim: PatchCore's greedy coreset of the memory.
+        sigma: Gaussian smoothing of the map; feature_batch: images per backbone pass; seed.
+    """
+
+    uses_defects: ClassVar[bool] = True
+    supervised: ClassVar[bool] = False
+
+    def __init__(self, image_size: int = 224, stages: Sequence[int] = (2, 4), embedding_dim: int = 0,
+                 hidden: int = 0, loss: str = "triplet", distance: str = "euclidean", margin: float = 0.0,
+                 radius: float = 0.5, anchor: str = "random", positives: str = "position", negatives: str = "auto",
+                 noise_std: float = 0.0, synthetic_ratio: float = 1.0, defect_scale: float = 1.0,
+                 defect_patches: float = 0.02, epochs: int = 10, steps_per_epoch: int = 50, batch_size: int = 256,
+                 lr: float = 1e-3, val_fraction: float = 0.1, scoring: str = "memory",
+                 coreset_fraction: float = 0.01, projection_dim: int = 128, sigma: float = 4.0,
+                 feature_batch: int = 8, seed: int = 0):
+        self.image_size = int(image_size)
+        self.stages = tuple(int(s) for s in stages)
+        self.embedding_dim = int(embedding_dim)
+        self.hidden = int(hidden)
+        self.loss = check_choice(str(loss), LOSSES, "loss")
+        self.distance = check_choice(str(distance), DISTANCES, "distance")
+        self.margin = float(margin)
+        self.radius = float(radius)
+        self.anchor = check_choice(str(anchor), ANCHORS, "anchor")
+        self.positives = check_choice(str(positives), POSITIVES, "positives")
+        self.negatives = check_choice(str(negatives), NEGATIVES, "negatives")
+        self.noise_std = float(noise_std)
+        self.synthetic_ratio = float(synthetic_ratio)
+        self.defect_scale = float(defect_scale)
+        self.defect_patches = float(defect_patches)
+        self.epochs = int(epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.batch_size = int(batch_size)
+        self.lr = float(lr)
+        self.val_fraction = float(val_fraction)
+        self.scoring = check_choice(str(scoring), SCORINGS, "scoring")
+        self.coreset_fraction = float(coreset_fraction)
+        self.projection_dim = int(projection_dim)
+        self.sigma = float(sigma)
+        self.feature_batch = int(feature_batch)
+        self.seed = int(seed)
+        self._check_settings()
+        self._extractor: FeatureExtractor | None = None
+        self._memory: MemoryBank | None = None
+
+    def _check_settings(self) -> None:
+        if self.image_size < 32:
+            raise SettingsError(f"image_size must be at least 32, got {self.image_size}")
+        if self.embedding_dim < 0 or self.hidden < 0:
+            raise SettingsError("embedding_dim and hidden must be >= 0")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2 or self.feature_batch < 1:
+            raise SettingsError("epochs, steps_per_epoch and feature_batch must be >= 1, batch_size >= 2")
+        if not 0.0 < self.coreset_fraction <= 1.0:
+            raise SettingsError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
+        if not 0.0 < self.defect_patches <= 1.0:
+            raise SettingsError(f"defect_patches must be in (0, 1], got {self.defect_patches}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise SettingsError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.noise_std < 0 or self.synthetic_ratio < 0 or self.margin < 0 or self.radius < 0:
+            raise SettingsError("noise_std, synthetic_ratio, margin and radius must be >= 0")
+        if self.negatives == "noise" and self.noise_std <= 0:
+            raise SettingsError("negatives='noise' needs noise_std > 0")
+        if self.distance == "cosine" and self.loss != "triplet":
+            raise SettingsError(f"distance='cosine' is a triplet-loss option; the {self.loss} loss is Euclidean")
+        if self.anchor == "mean" and self.positives != "position":
+            raise SettingsError("anchor='mean' (the mean good patch of a position) needs positives='position'")
+        if self.scoring == "centres" and self.positives != "position":
+            raise SettingsError("scoring='centres' (one centre per position) needs positives='position'")
+
+    @property
+    def margin_value(self) -> float:
+        if self.margin > 0:
+            return self.margin
+        return default_margin(self.distance) if self.loss == "triplet" else DEFAULT_MARGINS[self.loss]
+
+    @property
+    def normalised(self) -> bool:
+        """Embeddings are L2-normalised before the memory (the cosine distance's geometry)."""
+        return self.loss == "triplet" and self.distance == "cosine"
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(STAGE_CHANNELS[s] for s in self.stages)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.stages)
+        return self._extractor
+
+    @property
+    def memory(self) -> MemoryBank:
+        if self._memory is None:
+            self._memory = MemoryBank(self.bank_)
+        return self._memory
+
+    # ---- features -------------------------------------------------------------------------------
+    def _raw_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised backbone input (B, 3, H, W) -> raw patch features (B, P, D)."""
+        with torch.no_grad():
+            feats = locally_aware_features(self.extractor(batch))
+        self.grid_ = tuple(int(g) for g in feats.shape[-2:])
+        return feats.flatten(2).transpose(1, 2).contiguous()
+
+    def patch_features(self, images: Sequence[np.ndarray], description: str = "patch-metric: features") -> torch.Tensor:
+        """Images -> raw patch features (N, P, D), in batches of ``feature_batch``."""
+        out = [self._raw_features(prepare_batch(list(images[sl]), self.input_size))
+               for sl in track(batches(len(images), self.feature_batch), description)]
+        return torch.cat(out)
+
+    def _standardise(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mu_) / self.scale_
+
+    def _embed_rows(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            emb = self.adaptor_(z)
+            return F.normalize(emb, dim=-1) if self.normalised else emb
+
+    # ---- fit ------------------------------------------------------------------------------------
+    def fit(self, images, labels=None, **kwargs) -> "PatchMetric":
+        """Good images (label 0) are split by the base class (training / calibration); defective
+        images (label > 0, one class per defect type, or 1) only give negative patches."""
+        images = check_images(images)
+        defects: list[np.ndarray] = []
+        good = images
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(labels) != len(images):
+                raise SettingsError(f"{len(images)} images but {len(labels)} labels")
+            defects = [images[i] for i in np.flatnonzero(labels > 0)]
+            good = [images[i] for i in np.flatnonzero(labels == 0)]
+            if not good:
+                raise SettingsError("no good (label 0) images to learn from")
+        self._given_defects = defects
+        try:
+            super().fit(good, None, **kwargs)
+        finally:
+            del self._given_defects
+        n_real = self.train_info_["n_real_defect_images"]
+        self.fit_info_["n_train"] += n_real
+        self.fit_info_["n_train_defective"] = n_real
+        self.fit_info_["negatives"] = self.train_info_["negatives"]
+        return self
+
+    def _negative_mode(self, n_given: int) -> str:
+        mode = self.negatives
+        if mode == "auto":
+            mode = "real" if n_given else "synthetic"
+        if mode in ("real", "both") and not n_given:
+            raise SettingsError(f"negatives={self.negatives!r} needs defective training images (labels > 0); "
+                                "none were given")
+        return mode
+
+    def _synthetic_negatives(self, images: list[np.ndarray], rng: np.random.Generator):
+        """Synthetic defects in copies of the good images at the working size -> (features (n, P, D) raw,
+        coverage (n, P), source image index (n,))."""
+        from gaikan.data.synthetic import add_random_defect
+
+        n = max(1, int(round(self.synthetic_ratio * len(images))))
+        picks = rng.integers(0, len(images), size=n)
+        feats, covers = [], []
+        for sl in track(batches(n, self.feature_batch), "patch-metric: synthetic defects"):
+            batch, masks = [], []
+            for i in picks[sl]:
+                base = prepare_image(images[i], self.input_size).transpose(1, 2, 0)
+                defective, mask = add_random_defect(base, rng, scale=self.defect_scale, min_area=0.002)
+                batch.append(defective.transpose(2, 0, 1))
+                masks.append(mask)
+            x = normalise(torch.from_numpy(np.ascontiguousarray(np.stack(batch), dtype=np.float32)))
+            feats.append(self._raw_features(x))
+            covers.append(mask_coverage(np.stack(masks), self.grid_))
+        return torch.cat(feats), np.concatenate(covers), picks
+
+    def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
+        self._check_settings()
+        rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        given = getattr(self, "_given_defects", [])
+        mode = self._negative_mode(len(given))
+        start = time.perf_counter()
+        good_raw = self.patch_features(images)  # (N, P, D)
+        n_good, n_pos, dim = good_raw.shape
+        self.mu_ = good_raw.reshape(-1, dim).mean(0)
+        # s: RMS distance between good patches at the same position of two different good images
+        i = torch.from_numpy(rng.integers(0, n_good, 4096))
+        j = (i + torch.from_numpy(rng.integers(1, max(n_good, 2), 4096))) % n_good
+        p = torch.from_numpy(rng.integers(0, n_pos, 4096))
+        self.scale_ = torch.sqrt((good_raw[i, p] - good_raw[j, p]).square().sum(1).mean()).clamp_min(1e-6)
+        good = self._standardise(good_raw)
+        del good_raw
+
+        # negatives: rows (K, D) standardised, their positions (K,) and source "image" ids for validation
+        neg_rows, neg_pos, neg_img = [], [], []
+        n_synth = n_real = 0
+        if mode in ("synthetic", "both"):
+            feats, cover, _ = self._synthetic_negatives(images, rng)
+            img_idx, pos_idx = np.nonzero(cover >= MASK_COVERAGE)
+            neg_rows.append(self._standardise(feats[torch.from_numpy(img_idx), torch.from_numpy(pos_idx)]))
+            neg_pos.append(pos_idx)
+            neg_img.append(img_idx)
+            n_synth = len(feats)
+            del feats
+        if mode in ("real", "both"):
+            feats = self._standardise(self.patch_features(given, "patch-metric: defect images"))
+            probe = good.reshape(-1, dim)[torch.from_numpy(rng.choice(n_good * n_pos, min(n_good * n_pos, 20000),
+                                                                      replace=False))]
+            dist = MemoryBank(probe).nearest(feats.reshape(-1, dim))[0].reshape(len(feats), n_pos).numpy()
+            top = top_patches(dist, self.defect_patches)
+            img_idx = np.repeat(np.arange(len(feats)), top.shape[1])
+            pos_idx = top.reshape(-1)
+            neg_rows.append(feats[torch.from_numpy(img_idx), torch.from_numpy(pos_idx)])
+            neg_pos.append(pos_idx)
+            neg_img.append(img_idx + n_synth)
+            n_real = len(feats)
+            del feats
+        if not neg_rows and self.noise_std <= 0:
+            raise SettingsError("no negatives: choose negatives other than 'noise' or set noise_std > 0")
+        negatives = torch.cat(neg_rows) if neg_rows else torch.zeros(0, dim)
+        neg_pos = np.concatenate(neg_pos) if neg_pos else np.zeros(0, np.int64)
+        neg_img = np.concatenate(neg_img) if neg_img else np.zeros(0, np.int64)
+        if neg_rows and len(negatives) == 0:
+            raise SettingsError("the synthetic defects cover no patch; raise defect_scale")
+        self.fit_seconds_ = {"features": time.perf_counter() - start}
+
+        # training / validation images (validation tuples only give the validation loss curve)
+        good_val = np.zeros(n_good, bool)
+        n_val = int(self.val_fraction * n_good)
+        if n_val >= 2 and n_good - n_val >= 2:
+            good_val[rng.permutation(n_good)[:n_val]] = True
+        neg_val = np.zeros(len(negatives), bool)
+        n_neg_img = n_synth + n_real
+        if good_val.any() and n_neg_img >= 4:
+            held = rng.permutation(n_neg_img)[: max(1, int(self.val_fraction * n_neg_img))]
+            neg_val = np.isin(neg_img, held)
+        if len(negatives) and neg_val.all():
+            neg_val[:] = False
+        self.adaptor_ = PatchAdaptor(dim, self.embedding_dim or dim, self.hidden, self.seed)
+        self.means_ = good.mean(0)  # (P, D): the mean good patch of each position
+        train_sets = (good[torch.from_numpy(~good_val)], negatives[torch.from_numpy(~neg_val)], neg_pos[~neg_val])
+        middle = time.perf_counter()
+        val_loss = None
+        if good_val.any():
+            val_sets = (good[torch.from_numpy(good_val)], negatives[torch.from_numpy(neg_val)], neg_pos[neg_val])
+            if len(val_sets[1]) == 0:
+                val_sets = (val_sets[0], train_sets[1], train_sets[2])
+            val_batch = self._draw(val_sets, np.random.default_rng(self.seed + 1), 4 * self.batch_size)
+
+            def val_loss():
+                return float(self._tuple_loss(*val_batch))
+
+        def make_batches(batch_rng):
+            return [self._draw(train_sets, batch_rng, self.batch_size) for _ in range(self.steps_per_epoch)]
+
+        settings = TrainSettings(epochs=self.epochs, lr=self.lr, seed=self.seed)
+        self.history_ = train_network(self.adaptor_, make_batches, lambda b, _rng: self._tuple_loss(*b), val_loss,
+                                      settings, f"patch-metric ({self.loss}): epochs")
+        self.adaptor_.eval()
+        for p_ in self.adaptor_.parameters():
+            p_.requires_grad_(False)
+        self.fit_seconds_["training"] = time.perf_counter() - middle
+        self.train_info_ = {"negatives": mode, "n_good_images": int(n_good), "n_synthetic_images": int(n_synth),
+                            "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
+                            "noise_negatives": self.noise_std > 0}
+
+        # the memory: adapted good patches (or the adapted mean patch per position)
+        middle = time.perf_counter()
+        self.centres_ = self._embed_rows(self.means_)
+        if self.scoring == "memory":
+            emb = self._embed_rows(good.reshape(-1, dim))
+            index = greedy_coreset(emb, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed)
+            self.bank_ = emb[index].contiguous()
+        else:
+            self.bank_ = self.centres_.clone()
+        self.fit_seconds_["memory"] = time.perf_counter() - middle
+        self._memory = None
+
+    # ---- training tuples --------------------------------------------------------------------------
+    def _draw(self, sets, rng: np.random.Generator, n: int):
+        """One batch: (anchor rows, positive rows, negative rows) standardised, each (n', D)."""
+        good, negatives, neg_pos = sets
+        n_img, n_pos, dim = good.shape
+        parts = []
+        if len(negatives) and self.negatives != "noise":
+            k = rng.integers(0, len(negatives), n)
+            parts.append((negatives[torch.from_numpy(k)], neg_pos[k]))
+        if self.noise_std > 0:
+            src_img = torch.from_numpy(rng.integers(0, n_img, n))
+            pos = rng.integers(0, n_pos, n)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            # per-component std noise_std / sqrt(D): E||noise||^2 = noise_std^2, in units of the good spread
+            noise = torch.randn(n, dim, generator=gen) * (self.noise_std / math.sqrt(dim))
+            noisy = good[src_img, torch.from_numpy(pos)] + noise
+            parts.append((noisy, pos))
+        neg = torch.cat([rows for rows, _ in parts])
+        pos = np.concatenate([p for _, p in parts])
+        m = len(neg)
+        if self.positives == "position":
+            ia = torch.from_numpy(rng.integers(0, n_img, m))
+            ip = (ia + torch.from_numpy(rng.integers(1, max(n_img, 2), m))) % n_img
+            p_t = torch.from_numpy(pos)
+            anchor = self.means_[p_t] if self.anchor == "mean" else good[ia, p_t]
+            positive = good[ip, p_t]
+            return anchor, positive, neg
+        pool = good.reshape(-1, dim)[torch.from_numpy(rng.integers(0, n_img * n_pos, NEIGHBOUR_POOL))]
+        memory = MemoryBank(pool)
+        _, a_idx = memory.nearest(neg)
+        anchor = pool[a_idx[:, 0]]
+        _, ap_idx = memory.nearest(anchor, k=2)
+        positive = pool[ap_idx[:, 1]]  # the nearest other pool entry (the first is the anchor itself)
+        return anchor, positive, neg
+
+    def _tuple_loss(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        m = len(anchor)
+        emb = self.adaptor_(torch.cat([anchor, positive, negative]))
+        a, p, n = emb[:m], emb[m:2 * m], emb[2 * m:]
+        if self.loss == "triplet":
+            return triplet_loss(a, p, n, self.distance, self.margin_value)
+        if self.loss == "contrastive":
+            same = torch.cat([torch.ones(m), torch.zeros(m)])
+            return contrastive_loss(torch.cat([a, a]), torch.cat([p, n]), same, self.margin_value)
+        return hypersphere_loss(p, a, n, a, self.radius, self.margin_value)
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def _patch_distances(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw patch features (B, P, D) -> (B, P) distances to the good memory (or centres)."""
+        b, n_pos, dim = raw.shape
+        emb = self._embed_rows(self._standardise(raw))
+        if self.scoring == "centres":
+            return (emb - self.centres_[None]).norm(dim=-1)
+        return self.memory.nearest(emb.reshape(-1, emb.shape[-1]))[0].reshape(b, n_pos)
+
+    def _score(self, images: list[np.ndarray]) -> ScoreResult:
+        scores, maps = [], []
+        for sl in track(batches(len(images), self.feature_batch), "patch-metric: scoring"):
+            raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
+            dist = self._patch_distances(raw).reshape(-1, *self.grid_)
+            amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+            maps.append(amap.numpy())
+            scores.append(amap.amax(dim=(1, 2)).numpy())
+        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """For the report's embedding scatter: the adapted embedding (N, E) of each image's most
+        anomalous patch (the patch that sets its score), so the scatter is at patch level."""
+        self._check_fitted()
+        images = check_images(images)
+        out = []
+        for sl in batches(len(images), self.feature_batch):
+            raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
+            worst = self._patch_distances(raw).argmax(1)
+            emb = self._embed_rows(self._standardise(raw[torch.arange(len(raw)), worst]))
+            out.append(emb.numpy())
+        return np.concatenate(out)
+
+    def scoring_module(self) -> nn.Module:
+        """The scoring path as one module for ONNX export: (N, 3, H, W) in [0, 1] -> (scores, maps)."""
+        return PatchMetricScoring(self).eval()
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def _state(self) -> dict[str, np.ndarray]:
+        state = {f"adaptor.{k}": v.detach().numpy() for k, v in self.adaptor_.state_dict().items()}
+        state.update({
+            "mu": self.mu_.numpy(), "scale": np.asarray([float(self.scale_)], np.float32),
+            "bank": self.bank_.numpy(), "centres": self.centres_.numpy(),
+            "grid": np.asarray(self.grid_, dtype=np.int64),
+        })
+        for key, values in self.history_.items():
+            state[f"history.{key}"] = np.asarray(values, dtype=np.float64)
+        return state
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._check_settings()
+        for key in ("mu", "scale", "bank", "centres", "grid", "adaptor.linear.weight"):
+            if key not in state:
+                raise ModelFormatError(f"patch-metric model has no {key!r} in its tensors")
+        dim = self.feature_dim
+        if state["mu"].shape != (dim,):
+            raise ModelFormatError(f"patch-metric model has {state['mu'].shape[0]} features per patch, "
+                                   f"the settings give {dim}")
+        weight = state["adaptor.linear.weight"]
+        self.adaptor_ = PatchAdaptor(dim, weight.shape[0], self.hidden, self.seed)
+        adaptor_state = {k[len("adaptor."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
+                         if k.startswith("adaptor.")}
+        try:
+            self.adaptor_.load_state_dict(adaptor_state)
+        except RuntimeError as exc:
+            raise ModelFormatError(f"patch-metric adaptor does not match the settings: {exc}") from None
+        self.adaptor_.eval()
+        for p in self.adaptor_.parameters():
+            p.requires_grad_(False)
+        self.mu_ = torch.from_numpy(np.array(state["mu"])).float()
+        self.scale_ = torch.tensor(float(np.asarray(state["scale"]).reshape(-1)[0]))
+        self.bank_ = torch.from_numpy(np.array(state["bank"])).float()
+        self.centres_ = torch.from_numpy(np.array(state["centres"])).float()
+        self.grid_ = tuple(int(v) for v in state["grid"])
+        self.history_ = {k[len("history."):]: np.asarray(v).tolist() for k, v in state.items()
+                         if k.startswith("history.")}
+        self._memory = None
+
+
+class PatchMetricScoring(nn.Module):
+    """patch-metric's scoring path for ONNX export (gaikan.detectors.scoring's conventions): the
+    backbone, PatchCore's locally aware features, the standardisation and the adaptor (MatMul/Add,
+    the residual branch's LeakyReLU), L2 normalisation for the cosine distance, then the nearest
+    memory distance by the norm expansion on the centred bank (one MatMul and one ReduceMin), or the
+    distance to the position centres, and PatchCore's map head (upsampling, smoothing, max)."""
+
+    def __init__(self, detector: PatchMetric):
+        super().__init__()
+        from gaikan.detectors.scoring import _MapHead
+
+        detector._check_fitted()
+        self.extractor = detector.extractor
+        self.register_buffer("mu", detector.mu_.clone())
+        self.scale = float(detector.scale_)
+        self.adaptor = detector.adaptor_
+        self.normalised = detector.normalised
+        self.centres_mode = detector.scoring == "centres"
+        if self.centres_mode:
+            self.register_buffer("centres", detector.centres_.clone())
+        else:
+            memory = detector.memory
+            self.register_buffer("centre", memory.centre.clone())
+            self.register_buffer("bank_t", memory.bank_t.clone())
+            self.register_buffer("bank_sq", memory.sq.clone())
+        self.grid = tuple(int(g) for g in detector.grid_)
+        self.head = _MapHead(detector.input_size, detector.sigma)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = locally_aware_features(self.extractor(normalise(image)))
+        raw = feats.flatten(2).transpose(1, 2)  # (B, P, D)
+        emb = self.adaptor((raw - self.mu) / self.scale)
+        if self.normalised:
+            emb = F.normalize(emb, dim=-1)
+        n_pos = self.grid[0] * self.grid[1]
+        if self.centres_mode:
+            dist = (emb - self.centres[None]).norm(dim=-1)
+        else:
+            q = emb.reshape(-1, emb.shape[-1]) - self.centre
+            d2 = torch.addmm(self.bank_sq[None], q, self.bank_t, beta=1.0, alpha=-2.0)
+            d2 = d2 + q.square().sum(1, keepdim=True)
+            dist = d2.min(1)[0].clamp_min(0).sqrt().reshape(-1, n_pos)
+        return self.head(dist.reshape(-1, self.grid[0], self.grid[1]))

@@ -1,0 +1,141 @@
+"""patch-metric: the adaptor's loss falls and the defect patches move away from the good ones on a
+small task; given defective images are used as negatives; every loss / anchor / positive mode trains
+and saves; the ONNX export gives the torch scores. (The shared checks run in test_shared_checks.py.)"""
+
+import numpy as np
+import pytest
+import torch
+
+from gaikan.data.synthetic import make_defect_dataset
+from gaikan.detectors.base import load_detector
+from gaikan.detectors.patch_metric import PatchAdaptor, PatchMetric, mask_coverage, top_patches
+from gaikan.errors import SettingsError
+from gaikan.evaluation.metrics import image_auroc
+
+SMALL = dict(image_size=64, epochs=6, steps_per_epoch=25, batch_size=128, coreset_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    """Small textured parts, 64 px, with defects of the default size (harder than the shared split's)."""
+    return make_defect_dataset(24, 12, 12, size=64, seed=3, scale=1.0, min_area=0.004)
+
+
+def _separation(det, split, adaptor):
+    """Median distance of the test defect patches (mask cover >= 25%) to the nearest adapted good
+    training patch, over the same for the good test patches (scale-free)."""
+    train_raw = det.patch_features(split.train.images)
+    test_raw = det.patch_features(split.test.images)
+
+    def adapt(raw):
+        with torch.no_grad():
+            return adaptor(det._standardise(raw))
+
+    bank = adapt(train_raw)
+    bank = bank.reshape(-1, bank.shape[-1])
+    test = adapt(test_raw)
+    dist = torch.cdist(test.reshape(-1, test.shape[-1]), bank).min(1)[0].reshape(len(test), -1).numpy()
+    cover = mask_coverage(np.stack(split.test.masks), det.grid_)
+    defect = dist[cover >= 0.25]
+    good = dist[split.test.labels == 0].reshape(-1)
+    assert len(defect) >= 10
+    return float(np.median(defect) / np.median(good))
+
+
+@pytest.mark.parametrize("loss, extra", [("triplet", dict(margin=4.0)), ("hypersphere", {}),
+                                         ("contrastive", dict(margin=4.0))])
+def test_loss_falls_and_defect_patches_move_away_from_good_ones(small_task, loss, extra):
+    det = PatchMetric(loss=loss, **SMALL, **extra).fit(small_task.train.images)
+    history = det.history_["train_loss"]
+    assert history[-1] < 0.7 * history[0], history
+    assert det.history_["val_loss"][-1] <= det.history_["val_loss"][0]
+    dim = det.feature_dim
+    before = _separation(det, small_task, PatchAdaptor(dim, dim))  # the identity: PatchCore's metric
+    after = _separation(det, small_task, det.adaptor_)
+    assert after > 1.1 * before, (before, after)
+    scores = det.score(small_task.test.images).scores
+    assert image_auroc(small_task.test.labels, scores) >= 0.9
+
+
+def test_untrained_adaptor_is_the_identity_so_training_starts_from_patchcore():
+    z = torch.randn(5, 152)
+    np.testing.assert_allclose(PatchAdaptor(152, 152)(z).detach().numpy(), z.numpy(), atol=1e-6)
+    np.testing.assert_allclose(PatchAdaptor(152, 152, hidden=16)(z).detach().numpy(), z.numpy(), atol=1e-6)
+    w = PatchAdaptor(152, 32, seed=1).linear.weight.detach()
+    np.testing.assert_allclose((w @ w.T).numpy(), np.eye(32), atol=1e-5)  # orthonormal rows
+
+
+def test_mask_coverage_and_top_patches_match_plain_loops():
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 16, 16)) < 0.3
+    cover = mask_coverage(masks, (4, 4))
+    for n in range(2):
+        for i in range(4):
+            for j in range(4):
+                assert cover[n, i * 4 + j] == pytest.approx(masks[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean())
+    dist = rng.random((3, 50))
+    top = top_patches(dist, 0.1)
+    assert top.shape == (3, 5)
+    for n in range(3):
+        assert set(top[n]) == set(np.argsort(dist[n])[-5:])
+
+
+def test_given_defect_images_become_negatives(small_task):
+    test = small_task.test
+    defects = [img for img, lab in zip(test.images, test.labels) if lab == 1][:6]
+    images = small_task.train.images + defects
+    labels = np.r_[np.zeros(len(small_task.train), np.int64), np.ones(len(defects), np.int64)]
+    det = PatchMetric(**SMALL).fit(images, labels)
+    assert det.fit_info_["negatives"] == "real"
+    assert det.fit_info_["n_train_defective"] == 6
+    k = max(1, round(0.02 * det.grid_[0] * det.grid_[1]))
+    assert det.train_info_["n_negative_patches"] == 6 * k
+    both = PatchMetric(negatives="both", **SMALL).fit(images, labels)
+    assert both.train_info_["n_synthetic_images"] > 0 and both.train_info_["n_real_defect_images"] == 6
+    with pytest.raises(SettingsError, match="needs defective training images"):
+        PatchMetric(negatives="real", **SMALL).fit(small_task.train.images)
+
+
+@pytest.mark.parametrize("options", [
+    dict(distance="cosine", anchor="mean"),
+    dict(positives="neighbour", hidden=32, embedding_dim=64),
+    dict(negatives="noise", noise_std=1.0, scoring="centres"),
+])
+def test_every_mode_trains_ranks_defects_and_reloads_identically(small_task, options, tmp_path):
+    det = PatchMetric(**SMALL, **options).fit(small_task.train.images)
+    result = det.score(small_task.test.images)
+    assert image_auroc(small_task.test.labels, result.scores) >= 0.85
+    assert result.maps.shape == (len(small_task.test), 64, 64)
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    np.testing.assert_array_equal(again.score(small_task.test.images[:5]).scores, result.scores[:5])
+    assert again.history_["train_loss"] == pytest.approx(det.history_["train_loss"])
+    emb = again.embed(small_task.test.images[:4])
+    assert emb.shape == (4, det.adaptor_.linear.out_features) and np.isfinite(emb).all()
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(SettingsError, match="cosine"):
+        PatchMetric(loss="hypersphere", distance="cosine")
+    with pytest.raises(SettingsError, match="position"):
+        PatchMetric(anchor="mean", positives="neighbour")
+    with pytest.raises(SettingsError, match="noise_std"):
+        PatchMetric(negatives="noise")
+    with pytest.raises(SettingsError, match="loss"):
+        PatchMetric(loss="arcface")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(distance="cosine", hidden=16), dict(scoring="centres")])
+def test_onnx_export_gives_the_torch_scores(small_task, options, tmp_path):
+    from gaikan.edge import EdgeScorer
+    from gaikan.export.onnx_export import export_onnx
+
+    det = PatchMetric(**{**SMALL, "epochs": 2}, **options).fit(small_task.train.images)
+    path = export_onnx(det, tmp_path / "pm.onnx")
+    rng = np.random.default_rng(1)
+    images = small_task.test.images[:5] + [rng.random((80, 70, 3), dtype=np.float32)]
+    torch_result = det.score(images)
+    scores, maps = EdgeScorer(path, batch_size=4).score(images)
+    np.testing.assert_allclose(scores, torch_result.scores, rtol=1e-4, atol=0)
+    span = float(torch_result.maps.max() - torch_result.maps.min())
+    np.testing.assert_allclose(maps, torch_result.maps, rtol=0, atol=1e-4 * max(span, 1.0))
