@@ -191,6 +191,7 @@ class PaDiM(Detector):
 
     #: the fit is a sum over images: engines may split it (gaikan.engine, ``fit --engine ray``)
     distributed_fit = True
+
     def __init__(self, image_size: int = 224, stages: Sequence[int] = (1, 2, 4), n_features: int = 100,
                  eps: float = 0.01, sigma: float = 4.0, batch_size: int = 8, storage_dtype: str = "float32",
                  tile_size: int = 0, tile_overlap: float = 0.25, tile_reduce: str = "max", updatable: bool = True,
