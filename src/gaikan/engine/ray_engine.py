@@ -66,7 +66,8 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, attemp
             if address:
                 ray.init(address=address, **options)
             else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **options)
+                # "local": a new Ray of our own, even where `ray start` left one running on this machine
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **options)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception for a start-up timeout
             ray.shutdown()
