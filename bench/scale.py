@@ -1,6 +1,6 @@
 """Archive scoring (and PaDiM fitting) on Ray against the local engine (issue 10).
 
-    .venv/bin/python bench/scale.py [--n 200] [--workers 1,2] [--no-fit] [--figures]
+    .venv/bin/python bench/scale.py [--n 200] [--workers 1,2] [--no-fit] [--figures] [--address auto]
 
 Model: PaDiM with default settings fitted on the ELPV mono training cells (the `gaikan demo` model).
 Images: the first N mono cells of the fixed split (test then train rows), the same files for every
@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2", help="Ray worker counts")
     parser.add_argument("--no-fit", action="store_true", help="skip the Ray fits (fit locally only)")
     parser.add_argument("--figures", action="store_true", help="draw one figure per image")
+    parser.add_argument("--address", default=None, help="a running Ray (e.g. auto) instead of starting one")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",") if w]
     import numpy as np
@@ -91,6 +92,7 @@ def main() -> int:
 
     from gaikan.data import load_data
     from gaikan.engine import get_engine
+    from gaikan.engine.ray_engine import start_ray
     from gaikan.progress import set_quiet
 
     set_quiet(True)
@@ -98,7 +100,7 @@ def main() -> int:
     load_start = load()
     cpus = os.cpu_count() or 1
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_ray(args.address, num_cpus=cpus)
     ray_init = time.perf_counter() - start
     split = load_data("elpv:mono")
     model, fit_rows = fit_models(split, workers, not args.no_fit)

@@ -18,13 +18,14 @@ from gaikan.detectors.base import load_detector
 from gaikan.detectors.padim import PaDiM
 from gaikan.detectors.patchcore import PatchCore
 from gaikan.engine import get_engine, split_shares
+from gaikan.engine.ray_engine import start_ray
 from gaikan.evaluation.metrics import image_auroc
 from gaikan import pipeline
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2)
     try:
         yield
     finally:

@@ -53,6 +53,28 @@ def _run_share(fn: Callable[[Any, list], Any], payload: Any, share: list) -> Any
     return fn(payload, share)
 
 
+def start_ray(address: str | None = None, *, num_cpus: int | None = None, attempts: int = 3) -> None:
+    """``ray.init``: connect to ``address``, or start a local Ray with ``num_cpus`` (default: all cores).
+
+    A local start is retried (``attempts`` in all): Ray gives its raylet a fixed 30 s to register, which
+    a heavily loaded machine can miss. Failures become one GaikanError line."""
+    ray = _ray()
+    options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    where = f"the Ray cluster at {address}" if address else "a local Ray"
+    for attempt in range(1 if address else attempts):
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                # "local": a new Ray of our own, even where `ray start` left one running on this machine
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **options)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception for a start-up timeout
+            ray.shutdown()
+            error = " ".join(str(exc).split())[:300]
+    raise GaikanError(f"cannot start or reach {where}: {error}")
+
+
 class RayScorer:
     """A Ray Data actor: loads the model once, then reads, scores and draws batches of files."""
 
@@ -102,15 +124,7 @@ class RayEngine:
             raise GaikanError(f"--workers must be >= 0, got {workers}")
         self._started = False
         if not ray.is_initialized():
-            options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-            try:
-                if address:
-                    ray.init(address=address, **options)
-                else:
-                    ray.init(num_cpus=os.cpu_count() or 1, **options)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = f"the Ray cluster at {address}" if address else "a local Ray"
-                raise GaikanError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:300]}") from None
+            start_ray(address)
             self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = int(workers) or max(1, cpus)
