@@ -283,25 +283,26 @@ class Prediction:
     p_value: float | None = None  # conformal p-value against the model's calibration scores
 
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "openvino")
 
 
 def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
     """What ``predict`` scores with: a saved model directory (runtime "torch") or an exported
-    ``.onnx`` file run by onnxruntime (runtime "onnx", gaikan.export.runtime.OnnxDetector)."""
+    ``.onnx`` file run by onnxruntime (runtime "onnx") or OpenVINO (runtime "openvino"), both
+    through gaikan.export.runtime.OnnxDetector."""
     if runtime == "torch":
         from gaikan.detectors.base import load_detector
 
         if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
             raise GaikanError(f"{model} is an ONNX file: use --runtime onnx to score with it")
         return load_detector(model)
-    if runtime == "onnx":
+    if runtime in ("onnx", "openvino"):
         from gaikan.export.runtime import OnnxDetector
 
         if Path(model).is_dir():
-            raise GaikanError(f"{model} is a model directory; --runtime onnx takes the .onnx file written by "
-                              "`gaikan export`")
-        return OnnxDetector(model, threads=threads)
+            raise GaikanError(f"{model} is a model directory; --runtime {runtime} takes the .onnx file written "
+                              "by `gaikan export`")
+        return OnnxDetector(model, threads=threads, runtime=runtime)
     raise GaikanError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
