@@ -49,6 +49,7 @@ COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Clip", "Re
                "ReduceSum", "Sqrt", "Resize", "AveragePool", "Softmax", "TopK")
 ACTIVATION_TYPES = ("int8", "uint8")
 DEFAULT_CALIBRATION_IMAGES = 64
+METHODS = {"minmax": lambda c: c.MinMax, "percentile": lambda c: c.Percentile, "entropy": lambda c: c.Entropy}
 
 
 def backbone_node_names(model) -> list[str]:
@@ -103,7 +104,8 @@ def _op_counts(model, quantized: set[str]) -> tuple[dict[str, int], dict[str, in
 
 
 def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activations: str = "uint8",
-                  per_channel: bool = True, head: bool = False, calibration_source: str = "", force: bool = False,
+                  per_channel: bool = True, head: bool = False, keep_float: Sequence[str] = (),
+                  method: str = "minmax", calibration_source: str = "", force: bool = False,
                   extra_metadata: dict | None = None) -> Path:
     """Write the static int8 (QDQ) version of the exported ``float_model`` (.onnx) to ``out``.
 
@@ -123,6 +125,8 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         raise GaikanError(f"{out} already exists; use --force to replace it")
     if out.resolve() == float_model.resolve():
         raise GaikanError(f"{out}: the int8 model must not replace the float model it is made from")
+    if method not in METHODS:
+        raise SettingsError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     if activations not in ACTIVATION_TYPES:
         raise SettingsError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
     images = np.asarray(calibration_images, dtype=np.float32)
@@ -145,14 +149,16 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         # the graph as `gaikan export` writes it (cleaned: constant pads folded into the convolutions);
         # clean_graph is idempotent, so a file exported by an older gaikan gets the same treatment
         model = clean_graph(onnx.load(str(float_model)))
-        nodes = backbone_node_names(model)
+        nodes = [n for n in backbone_node_names(model) if not any(n.startswith(k) for k in keep_float)]
         if not nodes:
             raise ModelFormatError(f"{float_model}: no backbone nodes (named {BACKBONE_PREFIX}...) to quantize")
         extra = {}
         if head:
             products, axis = head_product_nodes(model)
             nodes += products
-            extra = {"QDQOpTypePerChannelSupportToAxis": {"MatMul": axis, "Gemm": axis}}
+            # (the weight-scale adjustment for int32 biases fails on Gemm's (1, M) bias in onnxruntime 1.32)
+            extra = {"QDQOpTypePerChannelSupportToAxis": {"MatMul": axis, "Gemm": axis},
+                     "QDQDisableWeightAdjustForInt32Bias": True}
         cleaned, quantized_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(model, str(cleaned))
         del model
@@ -161,7 +167,7 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
             quantize_static(
                 str(cleaned), str(quantized_path), _Batches(input_name, images), quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
-                nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_quantize=nodes, calibrate_method=METHODS[method](CalibrationMethod),
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, **extra},
             )
         qmodel = onnx.load(str(quantized_path))
@@ -176,7 +182,8 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         "quantized_ops": quantized_ops,
         "float_ops": float_ops,
         "weights": "int8 symmetric, " + ("per output channel" if per_channel else "per tensor"),
-        "activations": f"{activations} asymmetric per tensor, MinMax calibration",
+        "activations": f"{activations} asymmetric per tensor, {method} calibration",
+        "kept_float": list(keep_float),
         "calibration": {"images": int(len(images)), "source": calibration_source or "good images"},
         **(extra_metadata or {}),
     }
