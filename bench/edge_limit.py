@@ -15,13 +15,17 @@ Per model and runtime (bench/results/edge_limit.json + edge_limit.md):
   ``vs_onnx_f32`` = this runtime's median / onnxruntime float32's median of the same rounds.
 * throughput_img_s: best images/s over batch sizes 1, 4, 8, 16 on 2 threads (also interleaved);
   ``best_batch``.
-* peak_rss_mb: VmHWM of a fresh process that loads the model and scores the whole test set at the
-  best batch on 2 threads (the same process gives the AUROC).
+* peak_rss_mb: VmHWM of a fresh process that loads the model and scores test images at the best
+  batch on 2 threads: the whole test set for torch and OpenVINO (the same process gives their
+  AUROC), 32 images for onnxruntime (its AUROCs come from the export's float/int8 comparison,
+  which scored the whole test set with onnxruntime in this run).
 * file_mb: model size on disk (torch: the model directory).
 * image_auroc on the ELPV mono test rows (489 images), and the int8 vs float comparison that
   ``gaikan export --quantize int8`` made and stored in the file.
 * macs: multiply-adds per image of the float graph (Conv: output elements x input channels per
   group x kernel area; MatMul/Gemm: output elements x inner dimension), backbone and head apart.
+* profile: onnxruntime's per-node profiler at batch 1 on 1 thread, backbone and head apart, for
+  the float32 and int8 graphs (why the whole-model ratio is what it is).
 * fraction_of_peak: (backbone MACs / peak_backbone + head MACs / peak_fp32) / latency, where the
   peaks are measured in the same run by a plain matrix-multiply microbenchmark on 1 thread
   (onnxruntime MatMul float32 and MatMulInteger uint8 x int8, 512^3, best of 30; numpy's float32 matmul for
@@ -124,7 +128,7 @@ def _scorer(model: str, runtime: str, threads: int, batch: int = 1):
     return lambda images: scorer.score(images)[0]
 
 
-def phase_speed(model: str, runtimes: list[str], latency_runs: int) -> dict:
+def phase_speed(model: str, runtimes: list[str], latency_runs: int, batches: tuple[int, ...] = BATCHES) -> dict:
     import numpy as np
     import torch
 
@@ -153,7 +157,7 @@ def phase_speed(model: str, runtimes: list[str], latency_runs: int) -> dict:
                   "latency_runs": latency_runs}
     # throughput: 2 threads, best batch, interleaved per batch size
     torch.set_num_threads(2)
-    for batch in BATCHES:
+    for batch in batches:
         scorers = {r: _scorer(model, r, threads=2, batch=batch) for r in runtimes}
         images = test[:batch]
         for fn in scorers.values():
@@ -172,15 +176,18 @@ def phase_speed(model: str, runtimes: list[str], latency_runs: int) -> dict:
     return {"runtimes": out, "load_before": load_before, "load_after": _load()}
 
 
-def phase_accuracy(model: str, runtime: str, batch: int) -> dict:
+def phase_accuracy(model: str, runtime: str, batch: int, n_images: int) -> dict:
+    """Score the first ``n_images`` test images (0 = all, then also the AUROC); peak RSS."""
     from gaikan.data import load_data
     from gaikan.evaluation.metrics import image_auroc
 
     split = load_data(DATA)
     fn = _scorer(model, runtime, threads=2, batch=batch)
-    scores = fn(split.test.images)
-    return {"image_auroc": image_auroc(split.test.labels, scores), "peak_rss_mb": peak_rss_mb(),
-            "scores": [float(s) for s in scores], "load": _load()}
+    images = split.test.images[:n_images] if n_images else split.test.images
+    scores = fn(images)
+    auroc = image_auroc(split.test.labels, scores) if not n_images else None
+    return {"image_auroc": auroc, "peak_rss_mb": peak_rss_mb(), "scores": [float(s) for s in scores],
+            "load": _load()}
 
 
 def phase_macs(model: str) -> dict:
@@ -222,6 +229,47 @@ def phase_macs(model: str) -> dict:
         macs["backbone" if n.name.startswith(BACKBONE_PREFIX) else "head"] += int(count)
     macs["total"] = macs["backbone"] + macs["head"]
     return macs
+
+
+def phase_profile(model: str, runs: int = 20) -> dict:
+    """onnxruntime's profiler, batch 1, 1 thread: ms per image in the backbone (nodes /extractor/...,
+    and the Q/DQ nodes at its border) and in the head, float32 and int8 graphs."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    out = {}
+    for precision in ("f32", "int8"):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(WORK / model / f"profile-{precision}")
+        sess = ort.InferenceSession(str(WORK / model / f"{precision}.onnx"), options,
+                                    providers=["CPUExecutionProvider"])
+        size = sess.get_inputs()[0].shape[2:]
+        x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+        for _ in range(3):
+            sess.run(None, {"image": x})
+        prof = Path(sess.end_profiling())
+        sess = ort.InferenceSession(str(WORK / model / f"{precision}.onnx"), options,
+                                    providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, {"image": x})
+        prof.unlink(missing_ok=True)
+        prof = Path(sess.end_profiling())
+        parts, ops = collections.Counter(), collections.Counter()
+        for event in json.loads(prof.read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                name = event["name"][: -len("_kernel_time")]
+                part = "backbone" if "/extractor/" in name else "head"
+                parts[part] += event["dur"]
+                ops[f"{part}:{event['args'].get('op_name')}"] += event["dur"]
+        prof.unlink(missing_ok=True)
+        out[precision] = {"backbone_ms": parts["backbone"] / runs / 1000, "head_ms": parts["head"] / runs / 1000,
+                          "top_ops_ms": {k: v / runs / 1000 for k, v in ops.most_common(6)}}
+    out["load"] = _load()
+    return out
 
 
 def phase_peak() -> dict:
@@ -328,7 +376,7 @@ def write_markdown(doc: dict) -> None:
             lines.append(
                 f"| {name} | {r} | {fmt(row['latency_ms'])} ({fmt(row['latency_p10_ms'])}) | "
                 f"{row['vs_onnx_f32']:.2f} | {fmt(row.get('throughput_img_s'))} ({row.get('best_batch')}) | "
-                f"{fmt(row.get('peak_rss_mb'), 0)} | {fmt(row['file_mb'], 1)} | {row['image_auroc']:.4f} | "
+                f"{fmt(row.get('peak_rss_mb'), 0)} | {fmt(row['file_mb'], 1)} | {fmt(row['image_auroc'], 4)} | "
                 f"{macs['total'] / 1e9:.3f} ({macs['backbone'] / 1e9:.3f} + {macs['head'] / 1e9:.3f}) | "
                 f"{100 * row['fraction_of_peak']:.1f}% |")
     lines += ["", "Settings (ELPV mono, fixed split; fit on the train goods, 10% held out for thresholds):", ""]
@@ -341,7 +389,15 @@ def write_markdown(doc: dict) -> None:
                      f"{100 * c['median_rel_score_diff']:.2f}%, max {100 * c['max_rel_score_diff']:.1f}%, same "
                      f"verdict on {c['verdicts_equal']}, AUROC {c['auroc_float']:.4f} -> {c['auroc_int8']:.4f}; "
                      f"OpenVINO vs onnxruntime, max relative score difference: float "
-                     f"{m['openvino_vs_onnx']['f32']:.2g}, int8 {m['openvino_vs_onnx']['int8']:.2g}.")
+                     f"{m['openvino_vs_onnx'].get('f32', float('nan')):.2g}, int8 "
+                     f"{m['openvino_vs_onnx'].get('int8', float('nan')):.2g}.")
+        pr = m.get("profile")
+        if pr:
+            lines.append(f"  onnxruntime profile, batch 1, 1 thread (ms/img): float32 backbone "
+                         f"{pr['f32']['backbone_ms']:.1f} + head {pr['f32']['head_ms']:.1f}; int8 backbone "
+                         f"{pr['int8']['backbone_ms']:.1f} + head {pr['int8']['head_ms']:.1f} (backbone x"
+                         f"{pr['int8']['backbone_ms'] / pr['f32']['backbone_ms']:.2f}); largest ops float32 "
+                         f"{ {k: round(v, 1) for k, v in pr['f32']['top_ops_ms'].items()} }.")
     lines += ["", "Latencies of one model come from one process, the runtimes interleaved round-robin, so the "
               "`vs onnx f32` ratios hold under load even where the absolute times do not. Fraction of peak = "
               "(backbone MACs / backbone peak + head MACs / float32 peak) / latency, with the int8 peak for the "
@@ -357,10 +413,16 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--refit", action="store_true")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes tried for throughput")
+    parser.add_argument("--auroc-runtimes", default="torch,openvino-f32,openvino-int8",
+                        help="runtimes whose AUROC is measured by scoring the whole test set in their own process "
+                             "(onnxruntime's come from the export's comparison; the others score 32 images for "
+                             "the peak RSS and get no AUROC)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES))
     args = parser.parse_args()
     settings = {"padim": _settings(args.padim), "patchcore": _settings(args.patchcore)}
@@ -368,10 +430,12 @@ def main() -> None:
     if args.phase:
         result = {
             "fit": lambda: phase_fit(args.model, settings[args.model], args.calibration_images, args.refit),
-            "speed": lambda: phase_speed(args.model, runtimes, args.latency_runs),
-            "accuracy": lambda: phase_accuracy(args.model, args.runtime, args.batch),
+            "speed": lambda: phase_speed(args.model, runtimes, args.latency_runs,
+                                         tuple(int(b) for b in args.batches.split(","))),
+            "accuracy": lambda: phase_accuracy(args.model, args.runtime, args.batch, args.images),
             "macs": lambda: phase_macs(args.model),
             "peak": phase_peak,
+            "profile": lambda: phase_profile(args.model),
         }[args.phase]()
         print(json.dumps(result))
         return
@@ -391,6 +455,23 @@ def main() -> None:
     loads = [_load()]
     common = [f"--{k}={v}" for k, v in (("padim", args.padim), ("patchcore", args.patchcore)) if v]
     doc = {"meta": {}, "models": {}}
+    cmd = "nice -n 15 python bench/edge_limit.py" + "".join(f" {c}" for c in common) + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in (("latency_runs", args.latency_runs), ("batches", args.batches),
+                                                    ("auroc_runtimes", args.auroc_runtimes))
+        if v != parser.get_default(k))
+
+    def save() -> None:
+        doc["meta"] = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "cpu": cpu_flags(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "openvino": ov_version, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": cmd, "loads": loads,
+            "load_note": f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run (2 cores "
+                         "shared with other jobs; above 2 every absolute time is inflated, the ratios much less).",
+        }
+        (RESULTS / "edge_limit.json").write_text(json.dumps(doc, indent=2) + "\n")
+        write_markdown(doc)
+
     print(f"[peak] matrix-multiply microbenchmark (load {_load()})", file=sys.stderr, flush=True)
     doc["peak"] = run_phase(["--phase", "peak"], threads=1)
     for model in [m for m in args.models.split(",") if m]:
@@ -398,19 +479,29 @@ def main() -> None:
         fit = run_phase(["--phase", "fit", "--model", model, "--calibration-images", str(args.calibration_images),
                          *common, *(["--refit"] if args.refit else [])])
         macs = run_phase(["--phase", "macs", "--model", model])
+        profile = run_phase(["--phase", "profile", "--model", model])
+        loads.append(profile["load"])
         print(f"[{model}] latency + throughput, runtimes interleaved (load {_load()})", file=sys.stderr, flush=True)
         speed = run_phase(["--phase", "speed", "--model", model, "--latency-runs", str(args.latency_runs),
-                           "--runtimes", ",".join(runtimes), *common])
+                           "--runtimes", ",".join(runtimes), "--batches", args.batches, *common])
         loads += [speed["load_before"], speed["load_after"]]
         rows = speed["runtimes"]
         scores = {}
+        check = fit["quantization"]["check"]
         for r in runtimes:
-            print(f"[{model}] {r}: AUROC + peak RSS (load {_load()})", file=sys.stderr, flush=True)
-            acc = run_phase(["--phase", "accuracy", "--model", model, "--runtime", r,
+            # onnxruntime's AUROCs come from the float/int8 comparison of the export (same runtime, same
+            # 489 images, this run); its process here scores 32 images for the peak RSS and the
+            # OpenVINO comparison
+            n_images = 0 if r in args.auroc_runtimes.split(",") else 32
+            print(f"[{model}] {r}: {'AUROC + ' if not n_images else ''}peak RSS (load {_load()})", file=sys.stderr,
+                  flush=True)
+            acc = run_phase(["--phase", "accuracy", "--model", model, "--runtime", r, "--images", str(n_images),
                              "--batch", str(rows[r].get("best_batch", 8)), *common])
             loads.append(acc["load"])
             scores[r] = np.array(acc.pop("scores"))
-            rows[r].update(image_auroc=acc["image_auroc"], peak_rss_mb=acc["peak_rss_mb"])
+            auroc = acc["image_auroc"] if not n_images else (
+                check["auroc_" + ("int8" if r.endswith("int8") else "float")] if r.startswith("onnx") else None)
+            rows[r].update(image_auroc=auroc, peak_rss_mb=acc["peak_rss_mb"])
             root = WORK / model
             rows[r]["file_mb"] = (dir_size_mb(root / "model") if r == "torch"
                                   else (root / f"{r.split('-')[1]}.onnx").stat().st_size / 1e6)
@@ -422,23 +513,13 @@ def main() -> None:
             rows[r]["fraction_of_peak"] = ideal / (rows[r]["latency_ms"] / 1000)
         ov = {}
         for p in ("f32", "int8"):
-            if f"openvino-{p}" in scores:
-                a, b = scores[f"onnx-{p}"], scores[f"openvino-{p}"]
+            if f"openvino-{p}" in scores and f"onnx-{p}" in scores:
+                a, b = scores[f"onnx-{p}"], scores[f"openvino-{p}"][:len(scores[f"onnx-{p}"])]
                 ov[p] = float(np.max(np.abs(b - a) / np.maximum(np.abs(a), 1e-12)))
         doc["models"][model] = {"settings": fit["settings"], "fit_seconds": fit["fit_seconds"],
                                 "quantize_seconds": fit["quantize_seconds"], "quantization": fit["quantization"],
-                                "macs": macs, "runtimes": rows, "openvino_vs_onnx": ov}
-    cmd = "nice -n 15 python bench/edge_limit.py" + "".join(f" {c}" for c in common)
-    doc["meta"] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "cpu": cpu_flags(),
-        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "openvino": ov_version, "date": time.strftime("%Y-%m-%d %H:%M"), "command": cmd,
-        "loads": loads,
-        "load_note": f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run (2 cores shared "
-                     "with other jobs; above 2 every absolute time is inflated, the ratios much less).",
-    }
-    (RESULTS / "edge_limit.json").write_text(json.dumps(doc, indent=2) + "\n")
-    write_markdown(doc)
+                                "macs": macs, "runtimes": rows, "openvino_vs_onnx": ov, "profile": profile}
+        save()  # after each model: a run stopped later keeps what it measured
     print((RESULTS / "edge_limit.md").read_text())
 
 

@@ -90,16 +90,19 @@ class _Batches:
 def _op_counts(model, quantized: set[str]) -> tuple[dict[str, int], dict[str, int]]:
     """(quantized compute nodes by op type, float compute nodes by op type) of a QDQ model.
 
-    A node counts as quantized when its data input (the first one) comes from a DequantizeLinear
-    node, i.e. it runs on int8 data once the runtime fuses the QDQ pattern; float otherwise."""
+    A node counts as quantized when it sits between a DequantizeLinear (its data input, the first)
+    and a QuantizeLinear (its output), the pattern a runtime fuses into an int8 kernel; float
+    otherwise (the head's nodes read DequantizeLinear outputs, i.e. float, and feed no quantizer)."""
     producer = {out: n for n in model.graph.node for out in n.output}
+    quantizer_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     q, f = Counter(), Counter()
     for n in model.graph.node:
         if n.op_type not in COMPUTE_OPS:
             continue
         first = producer.get(n.input[0]) if n.input else None
         from_dq = first is not None and first.op_type == "DequantizeLinear"
-        (q if (from_dq and n.name in quantized) else f)[n.op_type] += 1
+        int8 = from_dq and n.output[0] in quantizer_inputs and n.name in quantized
+        (q if int8 else f)[n.op_type] += 1
     return dict(sorted(q.items())), dict(sorted(f.items()))
 
 
