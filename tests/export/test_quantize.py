@@ -95,6 +95,19 @@ def test_int8_scores_follow_the_float_ones(models, defect_split):
         image_auroc(labels, b), abs=1e-9)
 
 
+def test_head_products_can_be_quantized_too_and_the_file_says_so(models, defect_split, tmp_path):
+    """head=True (the measurement behind 'the head stays float'): PaDiM's whitening products run on
+    int8 data as well; the defects still rank above the goods."""
+    _, float_path, _, _ = models
+    scorer = EdgeScorer(float_path)
+    calibration = scorer.prepare(defect_split.train.images[:16])
+    path = quantize_int8(float_path, tmp_path / "head.onnx", calibration, head=True)
+    meta = EdgeScorer(path).quantization
+    assert meta["quantized_ops"].get("MatMul", 0) >= 1 and "head's products" in meta["quantized_part"]
+    scores, _ = EdgeScorer(path, batch_size=8).score(defect_split.test.images)
+    assert image_auroc(defect_split.test.labels, scores) >= 0.9
+
+
 def test_int8_thresholds_are_recalibrated_on_the_held_out_goods(models, defect_split):
     det, _, int8_path, info = models
     scorer = EdgeScorer(int8_path)

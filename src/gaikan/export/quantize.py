@@ -9,18 +9,19 @@ What is quantized, and how (onnxruntime.quantization.quantize_static, QDQ format
   head's inputs are DequantizeLinear outputs, i.e. float.
 * weights: int8, symmetric, one scale per output channel (``per_channel``);
 * activations: 8-bit with one scale and zero point per tensor, from the min/max of the activations
-  over the calibration images (``CalibrationMethod.MinMax``): signed int8 (the default, what
-  onnxruntime's QDQ kernels and ARM's int8 dot products prefer) or uint8 (``activations="uint8"``).
+  over the calibration images (``CalibrationMethod.MinMax``): uint8 (the default: with signed int8
+  activations onnxruntime 1.32 on x86 left the 1x1 convolutions unfused, float between DQ and Q)
+  or int8 (``activations="int8"``).
 * the float graph is the one ``gaikan export`` writes (``gaikan.export.graph.clean_graph``:
   onnxruntime's basic optimisation, constant "SAME" pads folded into the convolutions), so that the
   QDQ pairs sit on the convolutions themselves.
 
-Why the head stays float: PaDiM's score is a Mahalanobis norm ||W_p (x_p - mu_p)|| whose terms are
-differences of nearly equal features (8-bit activations keep ~2 significant digits of x_p - mu_p);
-PatchCore's distance is the norm expansion ||q||^2 - 2 q.m + ||m||^2, which cancels to a small
-number: both amplify an 8-bit rounding into large score errors. The head is also where the bank /
-the whitening matrices live, memory-bound products that int8 activations would not speed up much.
-``bench/edge_limit.py`` measures the split (docs/edge.md).
+Why the head stays float by default (``head=True`` quantizes its products with constant matrices
+too, for measurement): on ELPV mono PaDiM's int8 head kept the AUROC (0.9392 vs 0.9389 with the
+backbone alone) but made onnxruntime 3.5x slower at batch 1 (its per-position batched product has
+no fast int8 kernel); PatchCore's distance is the norm expansion ||q||^2 - 2 q.m + ||m||^2, which
+cancels to a small number, so an 8-bit rounding of q.m is a large relative error of the distance.
+docs/edge.md has the numbers.
 
 The calibration images are good images (the model was fitted on goods): by default the good
 training images of the data set the model was fitted on. The quantized file keeps every
@@ -49,7 +50,6 @@ COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Clip", "Re
                "ReduceSum", "Sqrt", "Resize", "AveragePool", "Softmax", "TopK")
 ACTIVATION_TYPES = ("int8", "uint8")
 DEFAULT_CALIBRATION_IMAGES = 64
-METHODS = {"minmax": lambda c: c.MinMax, "percentile": lambda c: c.Percentile, "entropy": lambda c: c.Entropy}
 
 
 def backbone_node_names(model) -> list[str]:
@@ -107,9 +107,8 @@ def _op_counts(model, quantized: set[str]) -> tuple[dict[str, int], dict[str, in
 
 
 def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activations: str = "uint8",
-                  per_channel: bool = True, head: bool = False, keep_float: Sequence[str] = (),
-                  method: str = "minmax", calibration_source: str = "", force: bool = False,
-                  extra_metadata: dict | None = None) -> Path:
+                  per_channel: bool = True, head: bool = False, calibration_source: str = "",
+                  force: bool = False) -> Path:
     """Write the static int8 (QDQ) version of the exported ``float_model`` (.onnx) to ``out``.
 
     calibration_images: prepared float32 (N, 3, H, W) good images in [0, 1] at the model's working
@@ -128,8 +127,6 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         raise GaikanError(f"{out} already exists; use --force to replace it")
     if out.resolve() == float_model.resolve():
         raise GaikanError(f"{out}: the int8 model must not replace the float model it is made from")
-    if method not in METHODS:
-        raise SettingsError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     if activations not in ACTIVATION_TYPES:
         raise SettingsError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
     images = np.asarray(calibration_images, dtype=np.float32)
@@ -152,7 +149,7 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         # the graph as `gaikan export` writes it (cleaned: constant pads folded into the convolutions);
         # clean_graph is idempotent, so a file exported by an older gaikan gets the same treatment
         model = clean_graph(onnx.load(str(float_model)))
-        nodes = [n for n in backbone_node_names(model) if not any(n.startswith(k) for k in keep_float)]
+        nodes = backbone_node_names(model)
         if not nodes:
             raise ModelFormatError(f"{float_model}: no backbone nodes (named {BACKBONE_PREFIX}...) to quantize")
         extra = {}
@@ -170,7 +167,7 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
             quantize_static(
                 str(cleaned), str(quantized_path), _Batches(input_name, images), quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
-                nodes_to_quantize=nodes, calibrate_method=METHODS[method](CalibrationMethod),
+                nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, **extra},
             )
         qmodel = onnx.load(str(quantized_path))
@@ -185,10 +182,8 @@ def quantize_int8(float_model, out, calibration_images: np.ndarray, *, activatio
         "quantized_ops": quantized_ops,
         "float_ops": float_ops,
         "weights": "int8 symmetric, " + ("per output channel" if per_channel else "per tensor"),
-        "activations": f"{activations} asymmetric per tensor, {method} calibration",
-        "kept_float": list(keep_float),
+        "activations": f"{activations} asymmetric per tensor, MinMax calibration",
         "calibration": {"images": int(len(images)), "source": calibration_source or "good images"},
-        **(extra_metadata or {}),
     }
     del qmodel.metadata_props[:]
     for key, value in {**meta, "quantization": json.dumps(info)}.items():
