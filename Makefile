@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing later pulls a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e ".[export,service,test,bench,ray]"
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e ".[export,service,test,bench,ray,openvino]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

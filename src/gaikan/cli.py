@@ -251,14 +251,16 @@ def _print_evaluation(result: dict) -> None:
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
     model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (or, with "
-                                                    "--runtime onnx, the .onnx file written by `gaikan export`)."),
+                                                    "--runtime onnx|openvino, the .onnx file written by "
+                                                    "`gaikan export`)."),
     out: Path = typer.Option(..., "--out", help="Results directory: results.csv, ng_list.txt, figures/."),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="torch: score with the saved model directory; "
                                           "onnx: score with an exported .onnx model through onnxruntime (same "
-                                          "results); auto: export the model directory to ONNX in memory and run "
+                                          "results); openvino: the same .onnx through OpenVINO (needs the openvino "
+                                          "package); auto: export the model directory to ONNX in memory and run "
                                           "it with onnxruntime where it exports, else torch. Default: torch "
                                           "with --engine local, auto with --engine ray."),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime threads with --runtime onnx (0 = all cores)."),
+    threads: int = typer.Option(0, "--threads", help="Runtime threads with --runtime onnx|openvino (0 = all cores)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP + " With ray, an actor pool of --workers "
                                "scorers (each loads the model once) scores batches of the files."),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
@@ -288,23 +290,57 @@ def predict(
 def export(
     model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (padim, patchcore, patch-metric)."),
     out: Path = typer.Option(..., "--out", help="ONNX file to write (refused if it exists, unless --force)."),
+    quantize: str = typer.Option("none", "--quantize", help="none: float32 graph; int8: static int8 backbone "
+                                 "(QDQ, calibrated on good training images; the detector head stays float), "
+                                 "compared with the float graph on the test images in the same run."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="With --quantize int8: the data the "
+                                              "model was fitted on (default: the one recorded at fit time). "
+                                              + DATA_HELP),
+    calibration_images: int = typer.Option(64, "--calibration-images", help="With --quantize int8: good training "
+                                           "images that set the activation ranges."),
+    seed: int = typer.Option(0, help="Seed of the folder: hold-out split (use the one given to fit)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Export a fitted model as one ONNX file: the whole scoring path (normalisation, backbone, the
     detector's head, upsampling, smoothing, image score) with the threshold and settings in its metadata.
-    Score it with `gaikan predict --runtime onnx` or, on a device without torch, `python -m gaikan.edge`."""
+    Score it with `gaikan predict --runtime onnx|openvino` or, on a device without torch, `python -m gaikan.edge`."""
     from gaikan.detectors.base import load_detector
     from gaikan.export.onnx_export import export_onnx
 
+    _set_quiet(quiet)
+    if quantize not in ("none", "int8"):
+        raise GaikanError(f"--quantize {quantize!r}: use none or int8")
     if out.exists() and not force:
         raise GaikanError(f"{out} already exists; use --force to replace it")
     det = load_detector(model)
     start = time.perf_counter()
-    export_onnx(det, out, force=force)
-    size_mb = out.stat().st_size / 2**20
     h, w = det.input_size
-    typer.echo(f"exported {det.name} ({h}x{w}, threshold {det.threshold:.4g}) to {out} ({size_mb:.1f} MB) "
-               f"in {time.perf_counter() - start:.1f} s")
+    if quantize == "none":
+        export_onnx(det, out, force=force)
+        typer.echo(f"exported {det.name} ({h}x{w}, threshold {det.threshold:.4g}) to {out} "
+                   f"({out.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - start:.1f} s")
+        return
+    from gaikan import pipeline
+    from gaikan.export.quantize import quantize_detector
+
+    spec = calibration or det.fit_info_.get("data")
+    if not spec:
+        raise GaikanError(f"{model} does not record the data it was fitted on: give --calibration DATA")
+    split = pipeline.load_split_for(det, spec, seed=seed)
+    info = quantize_detector(det, split, out, n_calibration=calibration_images, force=force)
+    check, thr = info["check"], info["thresholds"]
+    method = det.thresholds.default_method
+    typer.echo(f"exported {det.name} ({h}x{w}) with an int8 backbone to {out} ({out.stat().st_size / 2**20:.1f} MB) "
+               f"in {time.perf_counter() - start:.1f} s; calibrated on {info['calibration']['images']} good "
+               f"training images of {spec}; threshold {method} {thr['float'][method]:.4g} (float) -> "
+               f"{thr['int8'][method]:.4g} (int8, same rank among the held-out goods)")
+    if check.get("images"):
+        auroc = (f"; image AUROC float {check['auroc_float']:.4f}, int8 {check['auroc_int8']:.4f}"
+                 if "auroc_float" in check else "")
+        typer.echo(f"int8 vs float on {check['images']} test images of {spec}: median score change "
+                   f"{100 * check['median_rel_score_diff']:.2f}%, max {100 * check['max_rel_score_diff']:.1f}%, "
+                   f"same verdict on {check['verdicts_equal']}{auroc}")
 
 
 COMPARE_DETECTORS_HELP = (

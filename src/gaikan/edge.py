@@ -1,16 +1,22 @@
-"""Scoring on the device with an exported ONNX model: numpy, Pillow and onnxruntime only (no torch).
+"""Scoring on the device with an exported ONNX model: numpy, Pillow and onnxruntime or OpenVINO
+only (no torch).
 
     from gaikan.edge import EdgeScorer
-    scorer = EdgeScorer("model.onnx")                  # written by `gaikan export`
+    scorer = EdgeScorer("model.onnx")                  # written by `gaikan export` (float or int8)
     scores, maps = scorer.score(["a.png", "b.png"])    # paths or numpy arrays; maps (N, H, W)
     scorer.verdicts(scores)                            # ["OK", "NG"]: NG iff score > threshold
+    EdgeScorer("model.onnx", runtime="openvino")       # the same file through OpenVINO
 
-    python -m gaikan.edge model.onnx IMAGES...         # prints path,score,verdict per image
+    python -m gaikan.edge [--runtime onnx|openvino] model.onnx IMAGES...   # path,score,verdict per image
+
+Runtimes (one small interface, ``run(batch) -> (scores, maps)`` plus the file's metadata): "onnx" =
+onnxruntime (CPU provider, ORT_ENABLE_ALL), "openvino" = OpenVINO's CPU plugin (f32 inference
+precision). The default is onnxruntime when it is installed, else OpenVINO.
 
 Images are read and prepared exactly as the torch path does (``gaikan.data.images.read_image``, then
 ``to_float01``, alpha dropped, Pillow bilinear resize per channel in mode "F" to the working size,
 gray replicated to RGB: ``gaikan.data.images.prepare_image``, shared with the torch path), then fed to the graph as
-float32 (N, 3, H, W) in [0, 1]. This module imports only numpy, Pillow, onnxruntime and the
+float32 (N, 3, H, W) in [0, 1]. This module imports only numpy, Pillow, the runtime and the
 torch-free parts of gaikan (``gaikan.errors``, ``gaikan.data.images``); a test keeps it that way.
 """
 
@@ -41,32 +47,117 @@ def _check_image(img, i: int) -> np.ndarray:
     return img
 
 
-class EdgeScorer:
-    """An exported gaikan model (.onnx) run by onnxruntime on the CPU.
+RUNTIMES = ("onnx", "openvino")
 
-    threads: onnxruntime intra-op threads (0 = onnxruntime's default, all cores).
-    batch_size: images per run (memory grows with it: PatchCore's distance block is
-        batch x positions x bank size floats).
-    """
 
-    def __init__(self, path, *, threads: int = 0, batch_size: int = 1):
+class _OnnxRuntime:
+    """onnxruntime, CPU execution provider, full graph optimisation (``ORT_ENABLE_ALL``)."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - any load failure is the file's problem
+            raise ModelFormatError(f"{path}: not a loadable ONNX model ({_short(exc)})") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self.session.run(["score", "anomaly_map"], {self.input_name: batch})
+        return scores, maps
+
+
+class _OpenVino:
+    """OpenVINO's CPU plugin reading the same .onnx file (its ONNX front end).
+
+    Inference precision is pinned to f32: on CPUs with AMX/AVX512-BF16 OpenVINO's default is bf16,
+    which would change the float model's numbers. An int8 (QDQ) file runs in int8: OpenVINO turns
+    each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and fuses it with the convolution.
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise SettingsError("runtime openvino needs the openvino package (pip install openvino, or "
+                                "gaikan's `openvino` extra)") from None
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:  # noqa: BLE001 - any load failure is the file's problem
+            raise ModelFormatError(f"{path}: not a loadable ONNX model ({_short(exc)})") from None
+        rt = model.get_rt_info()
+        framework = rt["framework"] if "framework" in rt else {}
+        # the ONNX front end keeps the file's metadata_props under rt_info["framework"]
+        self.metadata = {str(k): (v.astype(str) if hasattr(v, "astype") else str(v)) for k, v in
+                         (framework.items() if isinstance(framework, dict) else [])}
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFormatError(f"{path}: OpenVINO cannot compile this model ({_short(exc)})") from None
+        self.request = self.compiled.create_infer_request()
+        self.outputs = [self.compiled.output("score"), self.compiled.output("anomaly_map")]
+        self.version = ov.__version__
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self.request.infer({0: batch})
+        # the request reuses its output buffers: copy before the next run
+        return tuple(np.array(result[o], dtype=np.float32, copy=True) for o in self.outputs)
+
+
+_BACKENDS = {"onnx": _OnnxRuntime, "openvino": _OpenVino}
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def default_runtime() -> str:
+    """onnx when onnxruntime is installed, else openvino when that is (an edge box may have only one)."""
+    import importlib.util
+
+    for name, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    raise SettingsError("scoring an ONNX model needs onnxruntime or openvino; install one "
+                        "(pip install onnxruntime, or pip install openvino)")
+
+
+class EdgeScorer:
+    """An exported gaikan model (.onnx) run on the CPU by onnxruntime or OpenVINO.
+
+    threads: intra-op threads (0 = the runtime's default, all cores).
+    batch_size: images per run (memory grows with it: PatchCore's distance block is
+        batch x positions x bank size floats).
+    runtime: "onnx" (onnxruntime) or "openvino"; None = ``default_runtime()``.
+    """
+
+    def __init__(self, path, *, threads: int = 0, batch_size: int = 1, runtime: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFormatError(f"{self.path}: no such ONNX model file")
         if batch_size < 1 or threads < 0:
             raise SettingsError(f"batch_size must be >= 1 and threads >= 0, got {batch_size} and {threads}")
+        runtime = default_runtime() if runtime is None else runtime
+        if runtime not in _BACKENDS:
+            raise SettingsError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.batch_size = int(batch_size)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - any load failure is the file's problem
-            text = " ".join(str(exc).split())[:300]
-            raise ModelFormatError(f"{self.path}: not a loadable ONNX model ({text})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
+        self.runtime = runtime
+        self.backend = _BACKENDS[runtime](self.path, int(threads))
+        meta = self.backend.metadata
         if meta.get("gaikan_format") != FORMAT_NAME:
             raise ModelFormatError(f"{self.path}: not a gaikan ONNX model (no gaikan_format={FORMAT_NAME!r} "
                                    "in its metadata); write it with `gaikan export`")
@@ -84,9 +175,9 @@ class EdgeScorer:
             self.thresholds = {k: float(v) for k, v in json.loads(meta.get("thresholds", "{}")).items()}
             self.calibration_scores = np.sort(np.asarray(json.loads(meta.get("calibration_scores", "[]")),
                                                          dtype=np.float32))
+            self.quantization = json.loads(meta["quantization"]) if "quantization" in meta else None
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelFormatError(f"{self.path}: gaikan metadata is incomplete or malformed ({exc})") from None
-        self.input_name = self.session.get_inputs()[0].name
 
     def prepare(self, images: Sequence) -> np.ndarray:
         """Paths or arrays -> float32 (N, 3, H, W) in [0, 1] at the working size."""
@@ -99,8 +190,7 @@ class EdgeScorer:
 
     def score_prepared(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the graph on a prepared (N, 3, H, W) batch -> (scores (N,), maps (N, H, W))."""
-        scores, maps = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return scores, maps
+        return self.backend.run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def score(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Image paths or numpy arrays -> (scores (N,) float32, anomaly maps (N, H, W) float32)."""
@@ -132,12 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m gaikan.edge model.onnx IMAGES...``: one line path,score,verdict per image; an
     unreadable image gives path,,UNREADABLE on stdout and its error on stderr (exit code 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    runtime = None
+    if argv and argv[0].startswith("--runtime"):
+        if "=" in argv[0]:
+            runtime, argv = argv[0].split("=", 1)[1], argv[1:]
+        elif len(argv) > 1:
+            runtime, argv = argv[1], argv[2:]
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m gaikan.edge MODEL.onnx IMAGE [IMAGE ...]\n"
+        print("usage: python -m gaikan.edge [--runtime onnx|openvino] MODEL.onnx IMAGE [IMAGE ...]\n"
               "prints path,score,verdict (NG iff score > the model's threshold)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
-        scorer = EdgeScorer(argv[0])
+        scorer = EdgeScorer(argv[0], runtime=runtime)
     except GaikanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

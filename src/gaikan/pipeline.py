@@ -306,26 +306,27 @@ class Prediction:
     p_value: float | None = None  # conformal p-value against the model's calibration scores
 
 
-RUNTIMES = ("torch", "onnx", "auto")
+RUNTIMES = ("torch", "onnx", "openvino", "auto")
 
 
 def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
     """What ``predict`` scores with: a saved model directory (runtime "torch"), an exported ``.onnx``
-    file run by onnxruntime (runtime "onnx", gaikan.export.runtime.OnnxDetector), or "auto": a model
-    directory exported to ONNX in memory and run by onnxruntime where it exports, else torch."""
+    file run by onnxruntime (runtime "onnx") or OpenVINO (runtime "openvino"), both through
+    gaikan.export.runtime.OnnxDetector, or "auto": a model directory exported to ONNX in memory and run
+    by onnxruntime where it exports, else torch."""
     if runtime == "torch":
         from gaikan.detectors.base import load_detector
 
         if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
             raise GaikanError(f"{model} is an ONNX file: use --runtime onnx to score with it")
         return load_detector(model)
-    if runtime == "onnx":
+    if runtime in ("onnx", "openvino"):
         from gaikan.export.runtime import OnnxDetector
 
         if Path(model).is_dir():
-            raise GaikanError(f"{model} is a model directory; --runtime onnx takes the .onnx file written by "
-                              "`gaikan export` (or use --runtime auto)")
-        return OnnxDetector(model, threads=threads)
+            raise GaikanError(f"{model} is a model directory; --runtime {runtime} takes the .onnx file written "
+                              "by `gaikan export` (or use --runtime auto)")
+        return OnnxDetector(model, threads=threads, runtime=runtime)
     if runtime == "auto":
         if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
             return load_scorer(model, "onnx", threads=threads)

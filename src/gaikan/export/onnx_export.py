@@ -17,6 +17,9 @@ where structured): ``gaikan_format`` ("gaikan-onnx"), ``gaikan_format_version``,
 default), ``threshold_method``, ``thresholds`` (every method's value), ``calibration_scores`` (the
 held-out good scores, for conformal p-values) and ``fit``.
 
+The traced graph is cleaned before it is written (``gaikan.export.graph``: onnxruntime's basic
+optimisation, i.e. constant folding, then the TensorFlow "SAME" Pads folded into their convolutions).
+
 Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``; the dynamo exporter
 needs the onnxscript package, which we do not depend on.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 
 import gaikan
 from gaikan.errors import GaikanError, ModelFormatError, SettingsError
+from gaikan.export.graph import clean_graph, save_atomic
 
 FORMAT_NAME = "gaikan-onnx"
 FORMAT_VERSION = 1
@@ -122,22 +125,13 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
             dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
             do_constant_folding=True,
         )
-    model = onnx.load_from_string(buffer.getvalue())
+    model = clean_graph(onnx.load_from_string(buffer.getvalue()))
     del buffer
     model.doc_string = f"gaikan {detector.name}: image (N,3,{height},{width}) in [0,1] -> score (N,), anomaly_map (N,{height},{width})"
     for key, value in model_metadata(detector).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return save_atomic(model, out)
 
 
 def read_metadata(path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """An exported ONNX model behind the Detector calls that ``gaikan.pipeline.predict_files`` uses
-(``threshold``, ``score(images) -> ScoreResult``, ``p_values``): ``gaikan predict --runtime onnx``.
+(``threshold``, ``score(images) -> ScoreResult``, ``p_values``): ``gaikan predict --runtime onnx``
+(onnxruntime) and ``--runtime openvino`` (OpenVINO, the same .onnx file, float or int8).
 
-The numbers come from ``gaikan.edge.EdgeScorer`` (onnxruntime; no torch in the scoring path).
+The numbers come from ``gaikan.edge.EdgeScorer`` (no torch in the scoring path).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class OnnxDetector:
 
     supervised = False
 
-    def __init__(self, path, *, threads: int = 0, batch_size: int = 1):
-        self.scorer = EdgeScorer(path, threads=threads, batch_size=batch_size)
+    def __init__(self, path, *, threads: int = 0, batch_size: int = 1, runtime: str = "onnx"):
+        self.scorer = EdgeScorer(path, threads=threads, batch_size=batch_size, runtime=runtime)
+        self.runtime = runtime
         self.name = self.scorer.name
         self.input_size = self.scorer.input_size
         self.thresholds = Thresholds(default_method=self.scorer.threshold_method or "max-good",
