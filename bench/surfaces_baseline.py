@@ -57,10 +57,10 @@ def write_markdown(results: dict, path: Path) -> None:
     dets = results["detectors"]
     cats = list(results["categories"])
     lines = ["# Surfaces benchmark: sanity check with today's defaults", "",
-             f"Data: bench/surfaces_data.py (seed {results['seed']}), {len(cats)} categories, 128 px sources, "
+             f"Data: bench/surfaces_data.py (seed {results['seed']}), {len(cats)} categories measured, 128 px, "
              "100 train goods, 30 test goods, 45 defective (9 kinds x 5) each. Detectors with their "
-             "defaults before issue 8 (gaikan at this branch's base; 224 px working size); {results['threads']} torch threads, niced, on a shared "
-             "2-core machine under load from other jobs (times are indicative only; accuracy is not "
+             "defaults before issue 8 (gaikan at this branch's base; 224 px working size); "
+             f"{results['threads']} torch threads, niced, on a shared 2-core machine under load from other jobs (times are indicative only; accuracy is not "
              "affected by load).", "",
              "Image AUROC / pixel AUROC / AUPRO (FPR <= 0.3); a category missing a detector was not "
              "run for it (the run was stopped for time):", "",
