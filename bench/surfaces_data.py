@@ -349,9 +349,9 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, format="PNG", optimize=False, compress_level=6)
 
 
-def build_category(cat: Category, out_dir: Path, seed: int, source: np.ndarray | None = None) -> dict:
+def build_category(cat: Category, out_dir: Path, seed: int) -> dict:
     """Write one category (MVTec layout) into ``out_dir`` and return its manifest entry."""
-    src = load_source(cat) if source is None else source
+    src = load_source(cat)
     h = src.shape[0]
     split = int(round(TRAIN_BAND * h))
     if split < SIZE * CROP_SCALE[1] + 1 or h - split < SIZE * CROP_SCALE[1] + 1:

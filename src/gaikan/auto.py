@@ -18,7 +18,8 @@ The selection sees only the images it is given (the training part of a split), n
 Time is bounded: the selection uses at most ``MAX_SELECTION_IMAGES`` goods (a seeded subset), the
 candidates run in the grid's order, and one whose estimated cost would take the selection past
 ``budget`` - ``FINAL_RESERVE`` full default fits is skipped, and so marked (a full fit is estimated
-as the first candidate's measured selection seconds times the ratio of all goods to the selection's).
+as the first candidate's measured selection seconds times the ratio of the good images to the images
+a selection run processes: its fit part and its check set).
 """
 
 from __future__ import annotations
@@ -164,9 +165,9 @@ def select_detector(images: Sequence[np.ndarray], labels: Sequence[int] | None =
     all_check = check_images_ + real
     all_labels = np.r_[check_labels, np.ones(len(real), np.int64)]
 
-    # a full fit of the first candidate on every good image costs about `scale` units (fit time grows
-    # with the number of images; the selection runs on a subset): the budget counts in full fits
-    scale = max(1.0, (labels == 0).sum() / max(len(good), 1))
+    # a unit (the first candidate's selection run) processes the fit part and the check set; a full
+    # default fit processes every good image once: the budget counts in full fits, so scale units
+    scale = (labels == 0).sum() / (len(fit_images) + len(all_check))
     with tap_cache():
         rows = _run_grid(grid, overrides, fit_images, all_check, all_labels, check_masks, budget, scale, start,
                          progress)
@@ -195,7 +196,7 @@ def _run_grid(grid, overrides, fit_images, check, check_labels, check_masks, bud
             continue
         t0 = time.perf_counter()
         det = cand.make(overrides)
-        det.fit(fit_images, validation_fraction=0.0)
+        det.fit(fit_images, validation_fraction=0.0, calibrate=False)
         result = det.score(check)
         row.image_auroc = float(image_auroc(check_labels, result.scores))
         if result.maps is not None:

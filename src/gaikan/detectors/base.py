@@ -114,7 +114,8 @@ class Detector:
     # ---- the interface --------------------------------------------------------------------
     def fit(self, images: Sequence[np.ndarray], labels: Sequence[int] | None = None, *,
             validation_fraction: float = 0.1, threshold_method: str = "max-good",
-            quantile: float = 0.995, false_alarm_rate: float | None = None, engine=None) -> "Detector":
+            quantile: float = 0.995, false_alarm_rate: float | None = None, engine=None,
+            calibrate: bool = True) -> "Detector":
         """Learn from ``images`` (good parts; supervised detectors also take labels, 1 = NG).
 
         A seeded ``validation_fraction`` of the good images is held out of training; their scores
@@ -167,8 +168,9 @@ class Detector:
         calibration = [images[i] for i in val_idx] if n_val else [images[i] for i in train_idx if labels[i] == 0]
         # detectors that can be updated keep their held-out images to recalibrate after an update
         self.calibration_images_ = calibration if (n_val and getattr(self, "updatable", False)) else None
-        self.calibrate(self._score(calibration).scores, threshold_method=threshold_method, quantile=quantile,
-                       false_alarm_rate=false_alarm_rate)
+        if calibrate:  # calibrate=False: no thresholds (e.g. a candidate of --detector auto, never saved)
+            self.calibrate(self._score(calibration).scores, threshold_method=threshold_method, quantile=quantile,
+                           false_alarm_rate=false_alarm_rate)
         self.fit_info_ = {
             "n_train": int(len(train_idx)),
             "n_train_good": int((train_labels == 0).sum()),
