@@ -8,9 +8,10 @@ from gaikan.detectors.padim import accumulate_sums, combine_sums, finalize_sums,
 
 
 def _sums(emb, batch):
+    """emb (N, P, d) in batches of images; accumulate_sums takes (groups = positions, samples, d)."""
     sums = None
     for start in range(0, len(emb), batch):
-        sums = accumulate_sums(sums, torch.from_numpy(emb[start:start + batch]))
+        sums = accumulate_sums(sums, torch.from_numpy(emb[start:start + batch]).transpose(0, 1))
     return sums
 
 
