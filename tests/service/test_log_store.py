@@ -83,6 +83,31 @@ def test_a_log_with_a_newer_schema_is_refused(log_url):
         open_log(log_url)
 
 
+def test_an_existing_log_is_upgraded_by_an_appended_migration_and_keeps_its_rows(log_url, monkeypatch):
+    from gaikan.service import store as store_module
+
+    log = open_log(log_url)
+    kept = fill(log, 3)
+    log.close()
+    new = ("reviews", ["ALTER TABLE inspections ADD COLUMN note {text}",
+                       "CREATE TABLE reviews (id {id}, inspection_id {ref} NOT NULL REFERENCES inspections (id), "
+                       "label {text} NOT NULL, at {float} NOT NULL)"])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, new])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    log = open_log(log_url)
+    try:
+        assert log.schema_version() == SCHEMA_VERSION + 1
+        assert [log.get(r.id) for r in kept] == kept
+        with log._transaction() as run:
+            run("INSERT INTO reviews (inspection_id, label, at) VALUES (?, ?, ?)", (kept[1].id, "false alarm", 1.5))
+            assert run("SELECT note FROM inspections WHERE id = ?", (kept[0].id,)) == [(None,)]
+            assert run("SELECT inspection_id, label FROM reviews", ()) == [(kept[1].id, "false alarm")]
+            described = run("SELECT description FROM schema_version ORDER BY version", ())
+        assert described[-1] == ("reviews",)
+    finally:
+        log.close()
+
+
 def test_a_sqlite_log_from_before_the_version_table_opens_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)  # what gaikan 0.1 wrote: the version-1 table, PRAGMA user_version = 1
@@ -184,3 +209,21 @@ def test_an_unreachable_postgresql_is_a_clear_error(postgres):
     assert "s3cret" not in str(err.value)
     with pytest.raises(LogUnavailable, match="does not exist"):
         PostgresStore(postgres.url("no_such_db"), timeout=2)
+
+
+def test_a_restarted_server_is_reconnected_to_and_a_stopped_one_is_log_unavailable():
+    from gaikan.service.pgtemp import TempPostgres, missing_reason
+
+    if missing_reason():
+        pytest.skip(missing_reason())
+    with TempPostgres() as pg:
+        store = PostgresStore(pg.create_database("restart"), timeout=3)
+        try:
+            first = store.add(**fields(0))
+            pg.pg_ctl("restart", "-m", "fast")
+            assert store.add(**fields(1)).id > first.id  # stale pooled connections were replaced
+            pg.pg_ctl("stop", "-m", "fast")
+            with pytest.raises(LogUnavailable, match="inspection log postgresql://gaikan@127.0.0.1.* unavailable"):
+                store.add(**fields(2))
+        finally:
+            store.close()

@@ -111,12 +111,17 @@ class TempPostgres:
             self._run(str(bindir / "initdb"), "-D", str(self.data_dir), "-U", self.USER, "--auth=trust",
                       "--encoding=UTF8", "--no-locale", "--no-sync")
             options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
-            self._run(str(bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.dir / "server.log"), "-w",
-                      "-t", "120", "-o", f"-p {self.port} -k {self.dir} {options}", "start", timeout=180)
+            self.pg_ctl("start", "-o", f"-p {self.port} -k {self.dir} {options}")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def pg_ctl(self, action: str, *args: str) -> None:
+        """``pg_ctl ACTION`` on this server, waiting for it (e.g. ``pg_ctl("restart", "-m", "fast")``)."""
+        # -l: the server's output goes to the log file, never to our pipes (which it would hold open)
+        self._run(str(self._bindir / "pg_ctl"), action, "-D", str(self.data_dir), "-l", str(self.dir / "server.log"),
+                  "-w", "-t", "120", *args, timeout=180)
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE name; returns its URL."""
@@ -133,7 +138,7 @@ class TempPostgres:
             return
         try:
             if (self.data_dir / "postmaster.pid").exists():
-                self._run(str(self._bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+                self.pg_ctl("stop", "-m", "fast")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
