@@ -54,7 +54,7 @@ def postgres():
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    with TempPostgres() as pg:
+    with TempPostgres(settings={"fsync": "off"}) as pg:  # throwaway server: no need to sync its files
         yield pg
 
 

@@ -46,7 +46,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, proc, timeout: float = 300.0) -> None:  # model load on a busy machine
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

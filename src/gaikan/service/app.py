@@ -206,6 +206,7 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
                   description="OK/NG verdicts with heat maps from a fitted gaikan model; every inspection "
                               "is logged (SQLite or PostgreSQL) before the answer is sent.")
     app.state.service = service
+    app.router.add_event_handler("shutdown", service.store.close)  # the log's connection(s), e.g. a PostgreSQL pool
 
     def require_key(request: Request) -> None:
         if no_auth:

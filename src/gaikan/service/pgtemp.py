@@ -138,7 +138,7 @@ class TempPostgres:
             return
         try:
             if (self.data_dir / "postmaster.pid").exists():
-                self.pg_ctl("stop", "-m", "fast")
+                self.pg_ctl("stop", "-m", "immediate")  # throwaway: no shutdown checkpoint
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
