@@ -436,6 +436,10 @@ def serve(
     data_dir: Path = typer.Option(Path("gaikan-service"), "--data-dir",
                                   help="Where the SQLite inspection log and the stored images live (kept "
                                        "across restarts)."),
+    db: Optional[str] = typer.Option(None, "--db", envvar="GAIKAN_DB", show_envvar=True,
+                                     help="The inspection log's database instead of DATA_DIR/inspections.sqlite3: "
+                                          "postgresql://USER@HOST:PORT/DB (shared by several replicas; give them "
+                                          "one shared --data-dir for the images) or sqlite:///PATH."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
                                           help="Key clients send in the X-API-Key header (required unless "
                                                "--no-auth)."),
@@ -450,9 +454,9 @@ def serve(
 
     check_auth_settings(api_key, no_auth, host)
     web = create_app(model, data_dir, api_key, no_auth=no_auth, host=host,
-                     max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+                     max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, db=db)
     typer.echo(f"gaikan serve: model {web.state.service.model_id} on http://{host}:{port}/ "
-               f"(log in {data_dir})", err=True)
+               f"(log in {web.state.service.store.log.location})", err=True)
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 

@@ -11,7 +11,8 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``)::
 
 The model is loaded once, at start-up. Scoring runs in the threadpool under a lock (the detector's
 torch state is not re-entrant), so the event loop stays free. Every inspection is written to the
-SQLite log and committed *before* the response is sent (see :mod:`gaikan.service.store`).
+log (SQLite in the data directory, or the database ``db`` names, e.g. a PostgreSQL shared by several
+replicas) and committed *before* the response is sent (see :mod:`gaikan.service.store`).
 
 Bad input answers with ``{"detail": "<one line>"}``: 401 missing/wrong API key, 404 unknown id,
 413 upload larger than ``max_upload_bytes`` or image larger than ``max_pixels``, 415 not an image,
@@ -106,7 +107,7 @@ def identify_upload(data: bytes, max_pixels: int, name: str = "upload") -> tuple
 class InspectionService:
     """The loaded model + the log: what the HTTP layer calls. Usable without HTTP too."""
 
-    def __init__(self, model_dir, data_dir, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, model_dir, data_dir, *, db: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         from gaikan.detectors.base import load_detector
         from gaikan.io.model_io import model_id
         from gaikan.service.store import InspectionStore
@@ -118,7 +119,7 @@ class InspectionService:
         self.model_checksum = manifest["tensors"]["sha256"]
         self.threshold = float(self.detector.threshold)
         self.threshold_method = self.detector.thresholds.default_method
-        self.store = InspectionStore(data_dir)
+        self.store = InspectionStore(data_dir, db=db)
         self.max_pixels = int(max_pixels)
         self._score_lock = threading.Lock()
 
@@ -192,19 +193,20 @@ def inspection_json(row) -> dict:
 
 def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool = False,
                host: str = "127.0.0.1", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Build the FastAPI app: loads the model (once) and opens the log in ``data_dir``.
+               max_pixels: int = DEFAULT_MAX_PIXELS, db: str | None = None):
+    """Build the FastAPI app: loads the model (once) and opens the log (``db``, else SQLite in ``data_dir``).
 
     ``api_key`` (else env GAIKAN_API_KEY) is required unless ``no_auth`` and ``host`` is loopback.
     """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_auth_settings(api_key, no_auth, host)
-    service = InspectionService(model_dir, data_dir, max_pixels=max_pixels)
+    service = InspectionService(model_dir, data_dir, db=db, max_pixels=max_pixels)
 
     app = FastAPI(title="gaikan inspection service", version=_version(),
                   description="OK/NG verdicts with heat maps from a fitted gaikan model; every inspection "
-                              "is logged in SQLite before the answer is sent.")
+                              "is logged (SQLite or PostgreSQL) before the answer is sent.")
     app.state.service = service
+    app.router.add_event_handler("shutdown", service.store.close)  # the log's connection(s), e.g. a PostgreSQL pool
 
     def require_key(request: Request) -> None:
         if no_auth:
