@@ -5,6 +5,7 @@ Layout of a data directory::
 
     DATA_DIR/inspections.sqlite3        the log (plus its -wal / -shm files while open)
     DATA_DIR/blobs/ab/abcdef....png     images, thumbnails, heat maps, overlays, named by their hash
+    DATA_DIR/blobs/ab/abcdef....npy     anomaly maps (float16 .npy), from which the pictures are drawn
     DATA_DIR/tmp/                       uploads being decoded (random names; removed afterwards)
 
 Durability: blobs are written (temporary name, then an atomic rename) before the row that names
@@ -12,6 +13,14 @@ them is inserted, and the row is committed with ``synchronous=FULL`` before the 
 sent, so a client that got an answer finds its inspection in the log even if the process is
 killed right after. Nothing a client sends (file names included) becomes part of a path: blob
 names are hex digests and the extension comes from a fixed table.
+
+Schema version 2 (issue 9) adds, at the end of the row: ``model_name`` (the name the model is
+served under), ``model_version``, ``drift`` (1 if the model's drift flag was raised when the
+inspection was made, 0 if not, NULL without calibration scores) and ``map_sha256`` (the stored
+anomaly map). The pictures (thumb / heatmap / overlay) may be drawn after the row was written, on
+their first request: :meth:`InspectionStore.set_pictures` fills their columns once. A version 1 log
+is upgraded in place (:func:`upgrade_schema_v1_to_v2`: ``ALTER TABLE ... ADD COLUMN``, old rows get
+NULL there).
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from pathlib import Path
 from gaikan.errors import GaikanError
 
 DB_NAME = "inspections.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: blob extensions we write (the key is what the caller asks for; nothing else is accepted)
 BLOB_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif",
-                   "webp": ".webp", "bin": ".bin"}
+                   "webp": ".webp", "bin": ".bin", "npy": ".npy"}
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
-               ".gif": "image/gif", ".webp": "image/webp", ".bin": "application/octet-stream"}
+               ".gif": "image/gif", ".webp": "image/webp", ".bin": "application/octet-stream",
+               ".npy": "application/octet-stream"}
+
+#: columns added by schema version 2 (issue 9), all nullable, after the version 1 columns
+V2_COLUMNS = {"model_name": "TEXT", "model_version": "TEXT", "drift": "INTEGER", "map_sha256": "TEXT"}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS inspections (
@@ -56,7 +69,11 @@ CREATE TABLE IF NOT EXISTS inspections (
     p_value         REAL,
     model_id        TEXT    NOT NULL,
     model_checksum  TEXT    NOT NULL,
-    timing_ms       REAL    NOT NULL
+    timing_ms       REAL    NOT NULL,
+    model_name      TEXT,
+    model_version   TEXT,
+    drift           INTEGER,
+    map_sha256      TEXT
 );
 CREATE INDEX IF NOT EXISTS inspections_verdict ON inspections (verdict, id);
 CREATE INDEX IF NOT EXISTS inspections_created ON inspections (created);
@@ -87,6 +104,10 @@ class Inspection:
     model_id: str
     model_checksum: str
     timing_ms: float
+    model_name: str | None = None
+    model_version: str | None = None
+    drift: int | None = None
+    map_sha256: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +118,21 @@ _COLUMNS = [f for f in Inspection.__dataclass_fields__]
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def upgrade_schema_v1_to_v2(db: sqlite3.Connection) -> None:
+    """Add the version 2 columns (:data:`V2_COLUMNS`) to a version 1 log, in one transaction."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(inspections)")}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name, kind in V2_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE inspections ADD COLUMN {name} {kind}")
+        db.execute("PRAGMA user_version = 2")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class InspectionStore:
@@ -117,9 +153,11 @@ class InspectionStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise GaikanError(f"{self.db_path} has log schema version {version}; this gaikan writes "
                                   f"version {SCHEMA_VERSION}: use another --data-dir")
+            if version == 1:
+                upgrade_schema_v1_to_v2(self._db)
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise GaikanError(f"{self.db_path} is not a usable inspection log: {exc}") from None
@@ -156,6 +194,8 @@ class InspectionStore:
         fields.setdefault("created", now)
         fields.setdefault("created_utc", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fields["created"]))
                           + f".{int((fields['created'] % 1) * 1000):03d}Z")
+        for optional in V2_COLUMNS:
+            fields.setdefault(optional, None)
         cols = [c for c in _COLUMNS if c != "id"]
         missing = [c for c in cols if c not in fields]
         if missing:
@@ -166,6 +206,21 @@ class InspectionStore:
                 f"INSERT INTO inspections ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})", values)
             row_id = cur.lastrowid
         return Inspection(id=row_id, **{c: fields[c] for c in cols})
+
+    def set_pictures(self, inspection_id: int, **sha256s: str) -> Inspection | None:
+        """Record pictures drawn after the row was written (``thumb=``, ``heatmap=``, ``overlay=``:
+        blob digests, stored first). A column already set is kept (two requests drawing the same
+        picture at once write the same digest); returns the updated row (None for an unknown id)."""
+        cols = {"thumb": "thumb_sha256", "heatmap": "heatmap_sha256", "overlay": "overlay_sha256"}
+        unknown = set(sha256s) - set(cols)
+        if unknown:
+            raise ValueError(f"unknown picture kinds {sorted(unknown)}; expected {sorted(cols)}")
+        if sha256s:
+            sets = ", ".join(f"{cols[k]} = COALESCE({cols[k]}, ?)" for k in sha256s)
+            with self._lock:
+                self._db.execute(f"UPDATE inspections SET {sets} WHERE id = ?",
+                                 [*sha256s.values(), int(inspection_id)])
+        return self.get(inspection_id)
 
     def get(self, inspection_id: int) -> Inspection | None:
         with self._lock:
