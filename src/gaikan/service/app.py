@@ -262,8 +262,8 @@ class InspectionService:
         verdict = "NG" if score > served.threshold else "OK"
         p_value = served.p_value(score)
         drift = None
-        if served.drift is not None and p_value is not None:
-            drift = int(served.drift.update(p_value, verdict == "NG"))
+        if served.drift is not None:
+            drift = int(served.drift.update(score))
         amap = result.amap
         image_sha, image_ext = self.store.put_blob(data, kind)
         blobs, map_sha = {}, None

@@ -96,8 +96,7 @@ class ServedModel:
                                     on_batch=None if on_batch is None else (lambda n, ms: on_batch(name, n, ms)))
         self.drift = None
         if self.calibration is not None and drift_settings is not None:
-            p_t = float(conformal_p_value(self.calibration, self.threshold))
-            self.drift = DriftMonitor(len(self.calibration), p_t, **drift_settings)
+            self.drift = DriftMonitor(self.calibration, self.threshold, **drift_settings)
         self._p_value = conformal_p_value
         self._lock = threading.Lock()
         self._active = 0

@@ -1,25 +1,29 @@
 """Monitoring of the inspection service: Prometheus metrics and a running drift test per model.
 
 Drift (``DriftMonitor``). For good parts made like the calibration parts, the conformal p-value
-``p = (1 + #{s_i >= s}) / (n + 1)`` is uniform on the grid ``{1, ..., n+1} / (n+1)``. The verdict is
-OK iff ``score <= t``, i.e. iff ``p >= p_t = p(t)``, so a good part's p-value *given OK* is uniform on
-the grid points ``j / (n+1)``, ``j = J_t .. n+1`` (``m = n + 2 - J_t`` points), whatever the defect
-rate of the line (defects are mostly NG and drop out). Two tests over the last ``window`` inspections:
+``p = (1 + #{s_i >= s}) / (n + 1)`` is uniform, which is the same as saying that their scores are
+distributed like the calibration scores ``s_1..s_n``. The test compares the two samples directly,
+because with one fixed calibration set the p-values of new goods are uniform only up to the
+calibration set's own sampling noise (about ``1/sqrt(n)`` in their CDF): a one-sample test of the
+p-values against U(0, 1) flags a stable process by chance when n is small (we saw it at n = 12).
 
-* ``goods_not_uniform``: the OK parts' p-values, mapped to ``u = (j - J_t + V) / m`` with ``V`` uniform
-  on [0, 1) (a seeded randomisation that makes ``u`` exactly uniform on [0, 1) for exchangeable goods),
-  Kolmogorov-Smirnov against U(0, 1) (``scipy.stats.kstest``); raised when its p-value < ``level``.
-  New lighting, focus, a new supplier move good scores up (u piles up near 0) or down (near 1).
+The verdict is OK iff ``score <= t``; defects are mostly NG, so the OK parts are (nearly) all goods,
+whatever the line's defect rate. Over the last ``window`` inspections:
+
+* ``goods_not_uniform``: two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``) of the OK
+  parts' scores against the calibration scores ``<= t`` (the same truncation); raised when its
+  p-value < ``level``. New lighting, focus, a new supplier move good scores up or down.
 * ``ng_rate_high`` (only with ``expected_ng_rate`` = q, the line's usual NG rate: ``gaikan serve
   --drift-ng-rate``): the number k of NG verdicts among the window's N inspections against the
   binomial bound, raised when ``P(Binomial(N, q) >= k) < level``. It catches a shift that turns
   (nearly) every part NG, which leaves too few OK parts for the first test. It is off by default:
-  real defects raise the NG rate too, and the goods' false-alarm rate alone (``1 - m/(n+1)``, about
+  real defects raise the NG rate too, and the goods' false-alarm rate alone (about
   alpha) would flag any line with a steady defect rate above it.
 
 Each test runs once at least ``min_count`` values are in the window (OK parts for the first). The
-flag is the OR of the two, recomputed at every inspection; ``level`` is per evaluation (default
-1e-4: on a stable process a window is flagged by chance with probability <= 1e-4 per test).
+flag is the OR of the two, recomputed every ``every`` inspections (default 5); ``level`` is per
+evaluation (default 1e-4: on a stable process a window is flagged by chance with probability
+about 1e-4 per evaluation).
 
 Metrics (``ServiceMetrics``, one ``prometheus_client.CollectorRegistry`` per app, label ``model`` =
 the served name): ``gaikan_requests_total{model,code}``, ``gaikan_verdicts_total{model,verdict}``,
@@ -45,63 +49,57 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class DriftMonitor:
-    """Running uniformity test of the goods' conformal p-values (see the module docstring)."""
+    """Running test: do the OK parts' scores still look like the calibration goods' (module docstring)?"""
 
-    def __init__(self, n_calibration: int, threshold_p: float, *, window: int = 200, min_count: int = 50,
-                 level: float = 1e-4, expected_ng_rate: float | None = None, seed: int = 0):
-        if window < 10 or not 1 <= min_count <= window or not 0 < level < 1:
-            raise SettingsError(f"drift window must be >= 10, 1 <= min count <= window and 0 < level < 1; got "
-                             f"{window}, {min_count}, {level}")
-        self.n = int(n_calibration)
-        self.j_t = int(round(threshold_p * (self.n + 1)))  # p_t = J_t / (n + 1)
-        self.m = max(1, self.n + 2 - self.j_t)
-        self.window, self.min_count, self.level = int(window), int(min_count), float(level)
+    def __init__(self, calibration_scores, threshold: float, *, window: int = 200, min_count: int = 50,
+                 level: float = 1e-4, expected_ng_rate: float | None = None, every: int = 5):
+        if window < 10 or not 1 <= min_count <= window or not 0 < level < 1 or every < 1:
+            raise SettingsError(f"drift window must be >= 10, 1 <= min count <= window, 0 < level < 1 and "
+                                f"every >= 1; got {window}, {min_count}, {level}, {every}")
         if expected_ng_rate is not None and not 0.0 < expected_ng_rate < 1.0:
             raise SettingsError(f"the expected NG rate must be in (0, 1), got {expected_ng_rate}")
+        cal = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+        self.threshold = float(threshold)
+        self.n = len(cal)
+        self.reference = cal[cal <= self.threshold]
+        self.window, self.min_count, self.level, self.every = int(window), int(min_count), float(level), int(every)
         self.expected_ng_rate = None if expected_ng_rate is None else float(expected_ng_rate)
-        self._rng = np.random.default_rng(seed)
-        self._verdicts: deque[bool] = deque(maxlen=self.window)  # True = NG
-        self._u: deque[float | None] = deque(maxlen=self.window)  # OK parts' u, None for NG
+        self._scores: deque[float] = deque(maxlen=self.window)
         self._lock = threading.Lock()
         self.flag = False
         self.raised_at: float | None = None
         self.seen = 0
         self._state = self._evaluate()
 
-    def update(self, p_value: float, ng: bool) -> bool:
-        """Add one inspection; returns the flag after it."""
+    def update(self, score: float) -> bool:
+        """Add one inspection's score (NG iff score > threshold); returns the flag after it."""
         with self._lock:
             self.seen += 1
-            self._verdicts.append(bool(ng))
-            if ng:
-                self._u.append(None)
-            else:
-                j = int(round(float(p_value) * (self.n + 1)))
-                k = min(max(j - self.j_t, 0), self.m - 1)
-                self._u.append((k + float(self._rng.random())) / self.m)
-            self._state = self._evaluate()
-            flag = bool(self._state["goods_not_uniform"] or self._state["ng_rate_high"])
-            if flag and not self.flag:
-                self.raised_at = time.time()
-            if not flag:
-                self.raised_at = None
-            self.flag = flag
-            return flag
+            self._scores.append(float(score))
+            if self.seen % self.every == 0 or len(self._scores) == self.min_count:
+                self._state = self._evaluate()
+                flag = bool(self._state["goods_not_uniform"] or self._state["ng_rate_high"])
+                if flag and not self.flag:
+                    self.raised_at = time.time()
+                if not flag:
+                    self.raised_at = None
+                self.flag = flag
+            return self.flag
 
     def _evaluate(self) -> dict:
         from scipy import stats
 
-        u = np.array([x for x in self._u if x is not None], dtype=np.float64)
-        n_all = len(self._verdicts)
-        k_ng = int(sum(self._verdicts))
+        scores = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
+        ok = scores[scores <= self.threshold]
+        n_all, k_ng = len(scores), int(len(scores) - len(ok))
         ks_stat = ks_p = None
-        if len(u) >= self.min_count:
-            res = stats.kstest(u, "uniform")
+        if len(ok) >= self.min_count and len(self.reference) >= 2:
+            res = stats.ks_2samp(ok, self.reference)
             ks_stat, ks_p = float(res.statistic), float(res.pvalue)
         ng_tail = None
         if self.expected_ng_rate is not None and n_all >= self.min_count:
             ng_tail = float(stats.binom.sf(k_ng - 1, n_all, self.expected_ng_rate)) if k_ng > 0 else 1.0
-        return {"window": n_all, "ok_in_window": int(len(u)), "ng_in_window": k_ng,
+        return {"window": n_all, "ok_in_window": int(len(ok)), "ng_in_window": k_ng,
                 "ng_rate": (k_ng / n_all) if n_all else None, "expected_ng_rate": self.expected_ng_rate,
                 "ng_rate_tail_p": ng_tail, "ks_statistic": ks_stat, "ks_pvalue": ks_p,
                 "goods_not_uniform": ks_p is not None and ks_p < self.level,
@@ -114,7 +112,7 @@ class DriftMonitor:
             reasons = [r for r in ("goods_not_uniform", "ng_rate_high") if s[r]]
             return {"drift": self.flag, "reasons": reasons, "raised_at": self.raised_at, "seen": self.seen,
                     "window_size": self.window, "min_count": self.min_count, "level": self.level,
-                    "n_calibration": self.n, "threshold_p_value": self.j_t / (self.n + 1.0), **s}
+                    "n_calibration": self.n, "n_reference": int(len(self.reference)), **s}
 
 
 class ServiceMetrics:
