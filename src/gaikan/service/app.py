@@ -400,12 +400,16 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
 
     async def _inspect(file: UploadFile, part_id: str | None, model: str | None) -> dict:
         data = await file.read(max_upload_bytes + 1)
-        label = model or service.single_model_name() or "-"
+        label = model or service.single_model_name()
+        if label not in service.registry.names():  # metrics labels only for served names
+            label = None
         if len(data) > max_upload_bytes:
-            service.metrics.observe_refused(label, 413)
+            if label:
+                service.metrics.observe_refused(label, 413)
             raise HTTPException(413, f"upload is larger than the limit of {max_upload_bytes} bytes")
         if part_id is not None and not part_id.isprintable():
-            service.metrics.observe_refused(label, 422)
+            if label:
+                service.metrics.observe_refused(label, 422)
             raise HTTPException(422, "part_id must be printable text")
         try:
             return await run_in_threadpool(service.inspect_bytes, data, part_id=part_id or None, name="upload",
