@@ -116,9 +116,9 @@ def raw_onnxruntime(onnx_path: Path, arrays: list[np.ndarray], *, cores: int, ba
         count = [0] * n_threads
         stop = time.perf_counter() + seconds
 
-        def work(k: int) -> None:
+        def work(k: int) -> None:  # at least 2 batches per thread, however loaded the machine is
             i = 0
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop or i < 2:
                 start = (i * b) % (len(prepared) - b + 1)
                 scorer.score_prepared(prepared[start:start + b])
                 count[k] += b

