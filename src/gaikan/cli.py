@@ -430,7 +430,9 @@ def demo(
 @app.command()
 @user_errors
 def serve(
-    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (loaded once)."),
+    model: List[str] = typer.Option(..., "--model",
+                                    help="Model directory written by `gaikan fit`, or NAME=DIR, repeated for "
+                                         "several models (routes /v1/models/NAME/inspect). Each is loaded once."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     data_dir: Path = typer.Option(Path("gaikan-service"), "--data-dir",
@@ -446,17 +448,40 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="No API key (only allowed on a loopback --host)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MiB (larger: 413)."),
     max_pixels: int = typer.Option(40_000_000, help="Largest accepted image, width x height (larger: 413)."),
+    runtime: str = typer.Option("auto", "--runtime",
+                                help="auto: onnxruntime where the model exports, torch otherwise; onnx; torch."),
+    workers: int = typer.Option(0, "--workers", help="Scoring threads per model (0: one per core; torch: 1)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests scored together in one batch."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms",
+                                      help="How long a worker waits for a batch to fill while more requests "
+                                           "are arriving (a lone request never waits)."),
+    figures: str = typer.Option("lazy", "--figures",
+                                help="lazy: draw thumb/heat map/overlay on their first request; ng: keep heat "
+                                     "maps only for NG parts; eager: draw all for every upload."),
+    drift_window: int = typer.Option(200, "--drift-window", help="Inspections in the drift test's window."),
+    drift_level: float = typer.Option(1e-4, "--drift-level", help="Test level that raises the drift flag."),
+    drift_ng_rate: Optional[float] = typer.Option(None, "--drift-ng-rate",
+                                                  help="The line's usual NG rate: also flag an NG rate "
+                                                       "significantly above it (off when not given)."),
 ):
-    """Serve the model over HTTP: POST /v1/inspect, the inspection log, and a web page at /."""
+    """Serve the model(s) over HTTP: POST /v1/inspect, the inspection log, /metrics, and a web page at /."""
     import uvicorn
 
     from gaikan.service.app import check_auth_settings, create_app
+    from gaikan.service.models import parse_model_specs
 
     check_auth_settings(api_key, no_auth, host)
-    web = create_app(model, data_dir, api_key, no_auth=no_auth, host=host,
-                     max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, db=db)
-    typer.echo(f"gaikan serve: model {web.state.service.model_id} on http://{host}:{port}/ "
-               f"(log in {web.state.service.store.log.location})", err=True)
+    models = parse_model_specs(model)
+    drift = {"window": drift_window, "min_count": min(50, drift_window), "level": drift_level,
+             "expected_ng_rate": drift_ng_rate}
+    web = create_app(models if len(models) > 1 or "default" not in models else models["default"], data_dir,
+                     api_key, no_auth=no_auth, host=host, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     max_pixels=max_pixels, runtime=runtime, workers=workers, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms, figures=figures, drift=drift, db=db)
+    for served in web.state.service.registry.all():
+        typer.echo(f"gaikan serve: model {served.name} = {served.model_id} (version {served.model_version}; "
+                   f"{served.runtime_note})", err=True)
+    typer.echo(f"gaikan serve: http://{host}:{port}/ (log in {web.state.service.store.log.location})", err=True)
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 

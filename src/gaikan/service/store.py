@@ -35,6 +35,7 @@ Layout of a data directory::
 
     DATA_DIR/inspections.sqlite3        the SQLite log (plus its -wal / -shm files while open)
     DATA_DIR/blobs/ab/abcdef....png     images, thumbnails, heat maps, overlays, named by their hash
+    DATA_DIR/blobs/ab/abcdef....npy     anomaly maps (float16 .npy), from which the pictures are drawn
     DATA_DIR/tmp/                       uploads being decoded (random names; removed afterwards)
 
 Durability: blobs are written (temporary name, then an atomic rename) before the row that names
@@ -44,6 +45,13 @@ its inspection in the log even if the process is killed right after. Blob names 
 and a rename is atomic, so several replicas may share one blob directory. Nothing a client sends
 (file names included) becomes part of a path: blob names are hex digests and the extension comes
 from a fixed table.
+
+Schema version 2 (issue 9) adds, at the end of the row: ``model_name`` (the name the model is
+served under), ``model_version``, ``drift`` (1 if the model's drift flag was raised when the
+inspection was made, 0 if not, NULL without calibration scores) and ``map_sha256`` (the stored
+anomaly map). The pictures (thumb / heatmap / overlay) may be drawn after the row was written, on
+their first request: :meth:`LogStore.set_pictures` fills their columns once. Older logs are
+upgraded in place by the migration (old rows get NULL there).
 """
 
 from __future__ import annotations
@@ -67,9 +75,10 @@ DB_NAME = "inspections.sqlite3"
 
 #: blob extensions we write (the key is what the caller asks for; nothing else is accepted)
 BLOB_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif",
-                   "webp": ".webp", "bin": ".bin"}
+                   "webp": ".webp", "bin": ".bin", "npy": ".npy"}
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff",
-               ".gif": "image/gif", ".webp": "image/webp", ".bin": "application/octet-stream"}
+               ".gif": "image/gif", ".webp": "image/webp", ".bin": "application/octet-stream",
+               ".npy": "application/octet-stream"}
 
 # ---- the schema (both backends) --------------------------------------------------------------------
 #: column types per backend; migrations write {id}, {ref}, {float}, {int}, {text} (REAL is 4 bytes
@@ -109,6 +118,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "CREATE INDEX inspections_verdict ON inspections (verdict, id)",
         "CREATE INDEX inspections_created ON inspections (created)",
     ]),
+    ("served model name and version, drift flag, anomaly map (issue 9)", [
+        "ALTER TABLE inspections ADD COLUMN model_name {text}",
+        "ALTER TABLE inspections ADD COLUMN model_version {text}",
+        "ALTER TABLE inspections ADD COLUMN drift {int}",
+        "ALTER TABLE inspections ADD COLUMN map_sha256 {text}",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -143,6 +158,10 @@ class Inspection:
     model_id: str
     model_checksum: str
     timing_ms: float
+    model_name: str | None = None  # schema version 2 (issue 9)
+    model_version: str | None = None
+    drift: int | None = None
+    map_sha256: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,6 +292,20 @@ class LogStore(ABC):
     def count(self) -> int:
         with self._transaction() as run:
             return int(run("SELECT COUNT(*) FROM inspections", ())[0][0])
+
+    def set_pictures(self, inspection_id: int, **sha256s: str) -> Inspection | None:
+        """Record pictures drawn after the row was written (``thumb=``, ``heatmap=``, ``overlay=``:
+        blob digests, stored first). A column already set is kept (two requests drawing the same
+        picture at once write the same digest); returns the updated row (None for an unknown id)."""
+        cols = {"thumb": "thumb_sha256", "heatmap": "heatmap_sha256", "overlay": "overlay_sha256"}
+        unknown = set(sha256s) - set(cols)
+        if unknown:
+            raise ValueError(f"unknown picture kinds {sorted(unknown)}; expected {sorted(cols)}")
+        if sha256s:
+            sets = ", ".join(f"{cols[k]} = COALESCE({cols[k]}, ?)" for k in sha256s)
+            with self._transaction() as run:
+                run(f"UPDATE inspections SET {sets} WHERE id = ?", [*sha256s.values(), int(inspection_id)])
+        return self.get(inspection_id)
 
 
 class SQLiteStore(LogStore):
@@ -464,6 +497,9 @@ class InspectionStore:
 
     def count(self) -> int:
         return self.log.count()
+
+    def set_pictures(self, inspection_id: int, **sha256s: str) -> Inspection | None:
+        return self.log.set_pictures(inspection_id, **sha256s)
 
     def close(self) -> None:
         self.log.close()
