@@ -6,6 +6,8 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``)::
     GET  /v1/inspections                 paged log; ?verdict=OK|NG&since=&until=&limit=&offset=&order=
     GET  /v1/inspections/{id}            one inspection
     GET  /v1/inspections/{id}/{kind}     its stored image: image | thumb | heatmap | overlay
+    GET  /v1/review-queue, /v1/reviews, /v1/stats; POST /v1/inspections/{id}/review
+                                         the dashboard's review loop and charts (gaikan.service.dashboard)
     GET  /healthz                        liveness + model id (no key needed)
     GET  /                               the web page (static files, no key needed; the page asks for it)
 
@@ -20,7 +22,6 @@ Bad input answers with ``{"detail": "<one line>"}``: 401 missing/wrong API key, 
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import threading
@@ -66,7 +67,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_auth_settings(api_key: str | None, no_auth: bool, host: str) -> None:
+def check_auth_settings(api_key, no_auth: bool, host: str) -> None:
     """Refuse an open service: --no-auth only on a loopback host, otherwise a key is required."""
     if no_auth:
         if not is_loopback(host):
@@ -190,15 +191,19 @@ def inspection_json(row) -> dict:
     return d
 
 
-def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool = False,
+def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
                host: str = "127.0.0.1", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS):
     """Build the FastAPI app: loads the model (once) and opens the log in ``data_dir``.
 
-    ``api_key`` (else env GAIKAN_API_KEY) is required unless ``no_auth`` and ``host`` is loopback.
+    ``api_key`` (else env GAIKAN_API_KEY) is required unless ``no_auth`` and ``host`` is loopback: a
+    key, ``NAME=KEY``, a list of those, or a {name: key} dict (:mod:`gaikan.service.keys`).
     """
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    check_auth_settings(api_key, no_auth, host)
+    from gaikan.service.dashboard import dashboard_router
+    from gaikan.service.keys import NO_AUTH_NAME, key_name, parse_api_keys
+
+    api_keys = parse_api_keys(api_key or os.environ.get(API_KEY_ENV, "").split() or None)
+    check_auth_settings(api_keys, no_auth, host)
     service = InspectionService(model_dir, data_dir, max_pixels=max_pixels)
 
     app = FastAPI(title="gaikan inspection service", version=_version(),
@@ -206,14 +211,17 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
                               "is logged in SQLite before the answer is sent.")
     app.state.service = service
 
-    def require_key(request: Request) -> None:
+    def require_key(request: Request) -> str:
+        """The auth dependency: the name of the key the request sent (401 if none or unknown)."""
         if no_auth:
-            return
+            return NO_AUTH_NAME
         given = request.headers.get(API_KEY_HEADER)
         if not given:
             raise HTTPException(401, f"missing API key: send it in the {API_KEY_HEADER} header")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        name = key_name(api_keys, given)
+        if name is None:
             raise HTTPException(401, f"wrong API key in the {API_KEY_HEADER} header")
+        return name
 
     @app.middleware("http")
     async def limit_upload_size(request: Request, call_next):
@@ -272,6 +280,8 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
             raise HTTPException(404, f"no {kind} for inspection {inspection_id}")
         path, media_type = found
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
+    app.include_router(dashboard_router(service, require_key))
 
     @app.get("/", include_in_schema=False)
     def index():

@@ -63,6 +63,25 @@ CREATE INDEX IF NOT EXISTS inspections_created ON inspections (created);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
+#: operators' reviews of NG verdicts (append-only: a later review of the same inspection supersedes
+#: the earlier one, which stays as history). Added to an existing log on open (IF NOT EXISTS), so a
+#: log written before reviews existed keeps working. The queries on it are plain SQL (no SQLite-only
+#: functions) so that they run unchanged on PostgreSQL.
+REVIEW_LABELS = ("false_alarm", "defect")
+_REVIEW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviews (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    inspection_id   INTEGER NOT NULL REFERENCES inspections (id),
+    created         REAL    NOT NULL,          -- unix time (s)
+    created_utc     TEXT    NOT NULL,          -- ISO 8601, UTC
+    reviewer        TEXT    NOT NULL,          -- the API key's name
+    label           TEXT    NOT NULL CHECK (label IN ('false_alarm', 'defect')),
+    defect_type     TEXT,                      -- set iff label = 'defect'
+    CHECK ((label = 'defect') = (defect_type IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS reviews_inspection ON reviews (inspection_id, id);
+"""
+
 
 @dataclass
 class Inspection:
@@ -92,7 +111,30 @@ class Inspection:
         return asdict(self)
 
 
+@dataclass
+class Review:
+    """One operator review of an inspection (who = the API key's name)."""
+
+    id: int
+    inspection_id: int
+    created: float
+    created_utc: str
+    reviewer: str
+    label: str
+    defect_type: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 _COLUMNS = [f for f in Inspection.__dataclass_fields__]
+_REVIEW_COLUMNS = [f for f in Review.__dataclass_fields__]
+# the current review of inspection i: its latest one
+_CURRENT_REVIEW = "reviews.id = (SELECT MAX(r2.id) FROM reviews r2 WHERE r2.inspection_id = {i}.id)"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -121,6 +163,7 @@ class InspectionStore:
                 raise GaikanError(f"{self.db_path} has log schema version {version}; this gaikan writes "
                                   f"version {SCHEMA_VERSION}: use another --data-dir")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_REVIEW_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise GaikanError(f"{self.db_path} is not a usable inspection log: {exc}") from None
 
@@ -154,8 +197,7 @@ class InspectionStore:
         """Insert one inspection and commit it before returning (the caller answers the client after)."""
         now = time.time()
         fields.setdefault("created", now)
-        fields.setdefault("created_utc", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fields["created"]))
-                          + f".{int((fields['created'] % 1) * 1000):03d}Z")
+        fields.setdefault("created_utc", _utc(fields["created"]))
         cols = [c for c in _COLUMNS if c != "id"]
         missing = [c for c in cols if c not in fields]
         if missing:
@@ -194,6 +236,77 @@ class InspectionStore:
                 f"SELECT {', '.join(_COLUMNS)} FROM inspections {clause} ORDER BY {order} LIMIT ? OFFSET ?",
                 [*args, int(limit), int(offset)]).fetchall()
         return [Inspection(*r) for r in rows], int(total)
+
+    # ---- reviews (plain SQL: runs on SQLite and PostgreSQL) ----------------------------------------
+    def add_review(self, inspection_id: int, *, label: str, reviewer: str, defect_type: str | None = None,
+                   created: float | None = None) -> Review:
+        """Record a review of one inspection and commit it (a later review supersedes an earlier one)."""
+        if label not in REVIEW_LABELS:
+            raise ValueError(f"review label must be one of {REVIEW_LABELS}, not {label!r}")
+        if (label == "defect") != (defect_type is not None):
+            raise ValueError("a 'defect' review needs a defect_type; a 'false_alarm' review has none")
+        created = time.time() if created is None else float(created)
+        values = [int(inspection_id), created, _utc(created), reviewer, label, defect_type]
+        cols = _REVIEW_COLUMNS[1:]
+        with self._lock:
+            cur = self._db.execute(f"INSERT INTO reviews ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                                   values)
+            row_id = cur.lastrowid
+        return Review(row_id, *values)
+
+    def current_reviews(self, inspection_ids) -> dict[int, Review]:
+        """{inspection id: its latest review} for those of ``inspection_ids`` that have one."""
+        ids = [int(i) for i in inspection_ids]
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews WHERE inspection_id IN "
+                f"({', '.join('?' for _ in ids)}) ORDER BY id", ids).fetchall()
+        return {r.inspection_id: r for r in (Review(*row) for row in rows)}  # later ids overwrite
+
+    def review_queue(self, *, limit: int = 50, offset: int = 0,
+                     model_id: str | None = None) -> tuple[list[Inspection], int]:
+        """NG inspections nobody has reviewed yet, newest first; returns (page, total in the queue)."""
+        where = "verdict = 'NG' AND NOT EXISTS (SELECT 1 FROM reviews WHERE reviews.inspection_id = inspections.id)"
+        args: list = []
+        if model_id is not None:
+            where += " AND model_id = ?"
+            args.append(model_id)
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM inspections WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE {where} "
+                                    "ORDER BY id DESC LIMIT ? OFFSET ?", [*args, int(limit), int(offset)]).fetchall()
+        return [Inspection(*r) for r in rows], int(total)
+
+    def recent_reviews(self, *, limit: int = 20) -> list[Review]:
+        """The latest reviews (all of them, superseded ones included), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews ORDER BY id DESC LIMIT ?",
+                                    (int(limit),)).fetchall()
+        return [Review(*r) for r in rows]
+
+    def reviewed_window(self, *, since: float | None = None, until: float | None = None,
+                        model_id: str | None = None, limit: int = 50_000) -> list[tuple]:
+        """The newest ``limit`` inspections in [since, until) as tuples (id, created, score, verdict,
+        threshold, p_value, current review label or None, its defect_type), newest first."""
+        where, args = [], []
+        if since is not None:
+            where.append("inspections.created >= ?")
+            args.append(float(since))
+        if until is not None:
+            where.append("inspections.created < ?")
+            args.append(float(until))
+        if model_id is not None:
+            where.append("inspections.model_id = ?")
+            args.append(model_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = ("SELECT inspections.id, inspections.created, inspections.score, inspections.verdict, "
+               "inspections.threshold, inspections.p_value, reviews.label, reviews.defect_type "
+               f"FROM inspections LEFT JOIN reviews ON {_CURRENT_REVIEW.format(i='inspections')} "
+               f"{clause} ORDER BY inspections.id DESC LIMIT ?")
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql, [*args, int(limit)]).fetchall()]
 
     def count(self) -> int:
         with self._lock:
