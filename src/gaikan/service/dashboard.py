@@ -178,7 +178,11 @@ def dashboard_router(service, require_key) -> APIRouter:
     @router.get("/v1/reviews", tags=["reviews"], dependencies=[Depends(require_key)],
                 summary="The latest reviews, newest first (superseded ones included)")
     def reviews(limit: int = Query(20, ge=1, le=500)) -> dict:
-        return {"items": [r.to_dict() for r in store.recent_reviews(limit=limit)]}
+        items = []
+        for r in store.recent_reviews(limit=limit):
+            row = store.get(r.inspection_id)
+            items.append(r.to_dict() | {"inspection": None if row is None else inspection_json(row)})
+        return {"items": items}
 
     @router.get("/v1/stats", tags=["reviews"], dependencies=[Depends(require_key)],
                 summary="Yield and NG rate over time, score histogram against the threshold, reviews, drift")
