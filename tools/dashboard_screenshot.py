@@ -2,14 +2,15 @@
 
 The scores, verdicts, heat maps and log rows are real: PaDiM (the `gaikan fit` defaults, conformal
 threshold at a false-alarm rate of 5 %) fitted on the ELPV mono training cells, then ``--n`` cells of
-the test split (shuffled, seed 0) inspected through the HTTP API by a line client. Two things are
-staged, for the picture only: the rows' timestamps are spread over the last 8 hours (an SQL UPDATE of
-``created``), so the time chart has a shape, and an operator ("tanaka") reviews all NG parts but the
-newest few using the data set's labels (good cell -> false alarm; defective cell -> a defect type
-picked in turn from a short list, ELPV has no types). Needs chromium + chromedriver
+the test split inspected through the HTTP API by a line client. Staged, for the picture only: the
+mix of cells (``--defect-share`` of them defective, the rest good, drawn with seed 0: the test split
+itself is 313 of 489 defective, no line is), the rows' timestamps spread over the last 8 hours (an
+SQL UPDATE of ``created``) so the time chart has a shape, and an operator ("tanaka") who reviews all
+NG parts but the newest few using the data set's labels (good cell -> false alarm; defective cell ->
+a defect type picked in turn from a short list, ELPV has no types). Needs chromium + chromedriver
 (`make browser-deps`) and the selenium package.
 
-    python tools/dashboard_screenshot.py --out docs/img/dashboard.png [--model DIR] [--n 160]
+    python tools/dashboard_screenshot.py --out docs/img/dashboard.png [--model DIR] [--n 160] [--defect-share 0.15]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 LINE_KEY, OPERATOR_KEY = "line-key-0001", "operator-key-0002"
 DEFECT_TYPES = ["クラック (crack)", "断線 (finger break)", "黒点 (dark spot)"]
-UNREVIEWED = 6
+UNREVIEWED = 4
 SPAN_S = 8 * 3600
 
 
@@ -58,11 +59,15 @@ def serve(model: Path, data: Path):
     return srv, f"http://127.0.0.1:{port}"
 
 
-def populate(url: str, data: Path, n: int) -> None:
+def populate(url: str, data: Path, n: int, defect_share: float) -> None:
     from gaikan.data.datasets import load_data
 
     test = load_data("elpv:mono").test
-    order = np.random.default_rng(0).permutation(len(test.paths))[:n]
+    rng = np.random.default_rng(0)
+    n_def = int(round(n * defect_share))
+    order = np.concatenate([rng.choice(np.flatnonzero(test.labels == 1), n_def, replace=False),
+                            rng.choice(np.flatnonzero(test.labels == 0), n - n_def, replace=False)])
+    rng.shuffle(order)
     line = {"X-API-Key": LINE_KEY}
     results = []
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -135,12 +140,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/img/dashboard.png"))
     ap.add_argument("--model", type=Path, help="a fitted model directory (default: fit PaDiM on elpv:mono)")
     ap.add_argument("--n", type=int, default=160, help="test cells to inspect")
+    ap.add_argument("--defect-share", type=float, default=0.15, help="the share of defective cells among them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gaikan-dashboard-") as tmp:
         model = args.model or fit_model(Path(tmp) / "model")
         srv, url = serve(model, Path(tmp) / "data")
         try:
-            populate(url, Path(tmp) / "data", args.n)
+            populate(url, Path(tmp) / "data", args.n, args.defect_share)
             screenshot(url, args.out)
         finally:
             srv.should_exit = True

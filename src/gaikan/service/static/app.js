@@ -181,11 +181,13 @@ function el(tag, attrs = {}, text) {
   return node;
 }
 
-function niceMax(x) {
-  if (!(x > 0)) return 1;
-  const p = 10 ** Math.floor(Math.log10(x));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= x) return m * p;
-  return 10 * p;
+// a round tick step giving at most 5 ticks up to x (integers only for counts), and the axis top
+function niceScale(x, integer = false) {
+  if (!(x > 0)) x = integer ? 1 : 0.01;
+  const raw = x / 4, p = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 2.5, 5, 10].map((m) => m * p).find((v) => v >= raw);
+  if (integer) step = Math.max(1, Math.round(step));
+  return { step, max: step * Math.ceil(x / step - 1e-9) };
 }
 
 function timeLabel(t, bucketS) {
@@ -194,13 +196,14 @@ function timeLabel(t, bucketS) {
   return bucketS >= 86400 ? d.toISOString().slice(5, 10) : hm;
 }
 
-function axes(svg, box, yMax, yFmt, side = "left") {
-  for (let i = 0; i <= 4; i++) {
-    const y = box.y + box.h - (i / 4) * box.h;
+function axes(svg, box, scale, yFmt, side = "left") {
+  const n = Math.round(scale.max / scale.step);
+  for (let i = 0; i <= n; i++) {
+    const y = box.y + box.h - (i / n) * box.h;
     if (side === "left") svg.append(el("line", { x1: box.x, x2: box.x + box.w, y1: y, y2: y, stroke: C.grid }));
     const x = side === "left" ? box.x - 6 : box.x + box.w + 6;
     svg.append(el("text", { x, y: y + 4, "text-anchor": side === "left" ? "end" : "start", "font-size": 11,
-      fill: side === "left" ? C.text : C.line }, yFmt((i / 4) * yMax)));
+      fill: side === "left" ? C.text : C.line }, yFmt(i * scale.step)));
   }
 }
 
@@ -215,11 +218,11 @@ function drawSeries(stats) {
   $("series-note").textContent = `(${Math.round(w.bucket_s / 60)} min buckets, UTC)`;
   if (!stats.totals.n) { emptyChart(svg, "no inspections in this window"); return; }
   const box = { x: 44, y: 12, w: 548, h: 170 };
-  const nMax = niceMax(Math.max(...series.map((b) => b.n)));
+  const nScale = niceScale(Math.max(...series.map((b) => b.n)), true), nMax = nScale.max;
   const rates = series.filter((b) => b.n).map((b) => b.ng_rate);
-  const rMax = Math.min(1, niceMax(Math.max(0.05, ...rates)));
-  axes(svg, box, nMax, (v) => `${Math.round(v)}`);
-  axes(svg, box, rMax, (v) => `${Math.round(100 * v)}%`, "right");
+  const rScale = niceScale(Math.max(0.05, ...rates)), rMax = rScale.max;
+  axes(svg, box, nScale, (v) => `${Math.round(v)}`);
+  axes(svg, box, rScale, (v) => `${Math.round(1000 * v) / 10}%`, "right");
   const bw = box.w / series.length;
   const pts = [];
   series.forEach((b, i) => {
@@ -254,8 +257,8 @@ function drawHistogram(stats) {
   const box = { x: 44, y: 12, w: 570, h: 170 };
   const lo = h.edges[0], hi = h.edges[h.edges.length - 1];
   const sx = (v) => box.x + ((v - lo) / (hi - lo)) * box.w;
-  const cMax = niceMax(Math.max(...h.ok.map((c, i) => c + h.ng[i])));
-  axes(svg, box, cMax, (v) => `${Math.round(v)}`);
+  const cScale = niceScale(Math.max(...h.ok.map((c, i) => c + h.ng[i])), true), cMax = cScale.max;
+  axes(svg, box, cScale, (v) => `${Math.round(v)}`);
   h.ok.forEach((okCount, i) => {
     const x0 = sx(h.edges[i]), x1 = sx(h.edges[i + 1]);
     const hOk = (okCount / cMax) * box.h, hNg = (h.ng[i] / cMax) * box.h;
@@ -290,7 +293,7 @@ function drawKpis(stats) {
   $("kpi-ng-sub").textContent = `${t.ng} NG: ${t.defects} defect${t.defects === 1 ? "" : "s"}, `
     + `${t.false_alarms} false alarm${t.false_alarms === 1 ? "" : "s"}`;
   $("kpi-queue").textContent = t.review_queue;
-  const types = Object.entries(t.defect_types).slice(0, 3).map(([k, v]) => `${k} ${v}`).join(", ");
+  const types = Object.entries(t.defect_types).slice(0, 2).map(([k, v]) => `${k} ${v}`).join(", ");
   $("kpi-queue-sub").textContent = types ? `defects: ${types}` : "to review";
   const d = stats.drift;
   const box = $("drift");
@@ -298,7 +301,8 @@ function drawKpis(stats) {
   box.title = `${d.message}\n${d.method}` + (d.test_p_value !== null ? `\ntest p = ${d.test_p_value.toExponential(2)}` : "");
   $("drift-value").textContent = { ok: "no drift", drift: "DRIFT", too_few: "too few" }[d.status] || d.status;
   $("drift-sub").textContent = d.status === "too_few" ? d.message
-    : `${d.count}/${d.n} parts with p ≤ ${d.alpha} (${pct(d.observed_rate, 0)}, ≤ ${pct(d.expected_rate, 0)} expected)`;
+    : `${d.count} of ${d.n} with p ≤ ${d.alpha} (${pct(d.observed_rate, 0)}, goods ≤ ${pct(d.expected_rate, 0)}); `
+      + `test p = ${d.test_p_value.toPrecision(2)}`;
 }
 
 function reviewText(r) {
@@ -394,9 +398,13 @@ async function drawReviews() {
   $("reviews").hidden = !rows.length;
 }
 
+let dashboardSeq = 0;
+
 async function refreshDashboard() {
+  const seq = ++dashboardSeq;
   try {
     const stats = await (await api(`/v1/stats?window_s=${$("window").value}`)).json();
+    if (seq !== dashboardSeq) return;  // a newer refresh (e.g. another window) is under way
     drawKpis(stats);
     drawSeries(stats);
     drawHistogram(stats);
