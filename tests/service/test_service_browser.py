@@ -13,6 +13,7 @@ from gaikan.service.app import create_app
 
 pytestmark = pytest.mark.browser
 KEY = "browser-key"
+HTTP_TIMEOUT = 120  # s: a loaded 2-core CI machine can take many seconds for the first inspection
 
 
 def _free_port() -> int:
@@ -41,7 +42,7 @@ def server(service_model, tmp_path):
         thread.join(timeout=10)
 
 
-def _wait(driver, condition, timeout=30.0, what="condition"):
+def _wait(driver, condition, timeout=90.0, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = driver.execute_script(condition)
@@ -58,7 +59,7 @@ def test_upload_through_the_page_shows_the_part_as_ng_with_its_heat_map(chrome, 
 
     # one good part inspected by a line client before the operator opens the page
     r = httpx.post(f"{server}/v1/inspect", files={"file": ("g.png", uploads["good"][0], "image/png")},
-                   headers={"X-API-Key": KEY})
+                   headers={"X-API-Key": KEY}, timeout=HTTP_TIMEOUT)
     assert r.json()["verdict"] == "OK"
     defect = tmp_path / "defect.png"
     defect.write_bytes(uploads["defect"][0])
@@ -144,9 +145,9 @@ def test_dashboard_review_loop_false_alarm_then_defect_shrinks_the_queue(chrome,
 
     line = {"X-API-Key": LINE_KEY}
     good = httpx.post(f"{named_server}/v1/inspect", files={"file": ("g.png", uploads["good"][0], "image/png")},
-                      headers=line).json()
+                      headers=line, timeout=HTTP_TIMEOUT).json()
     ngs = [httpx.post(f"{named_server}/v1/inspect", data={"part_id": f"P-{i}"},
-                      files={"file": ("d.png", data, "image/png")}, headers=line).json()
+                      files={"file": ("d.png", data, "image/png")}, headers=line, timeout=HTTP_TIMEOUT).json()
            for i, data in enumerate(uploads["defect"][:2])]
     assert good["verdict"] == "OK" and [n["verdict"] for n in ngs] == ["NG", "NG"]
 
@@ -187,7 +188,7 @@ def test_dashboard_review_loop_false_alarm_then_defect_shrinks_the_queue(chrome,
           what="the defect review in the recent list")
 
     # stored in the log with who (the key's name) and when
-    reviews = httpx.get(f"{named_server}/v1/reviews", headers=line).json()["items"]
+    reviews = httpx.get(f"{named_server}/v1/reviews", headers=line, timeout=HTTP_TIMEOUT).json()["items"]
     assert [(r["inspection_id"], r["reviewer"], r["label"], r["defect_type"]) for r in reviews] == [
         (ngs[0]["id"], "tanaka", "defect", "ひび割れ"), (ngs[1]["id"], "tanaka", "false_alarm", None)]
     assert all(r["created"] >= ngs[1]["created"] for r in reviews)
