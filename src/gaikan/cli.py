@@ -442,9 +442,10 @@ def serve(
                                      help="The inspection log's database instead of DATA_DIR/inspections.sqlite3: "
                                           "postgresql://USER@HOST:PORT/DB (shared by several replicas; give them "
                                           "one shared --data-dir for the images) or sqlite:///PATH."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
-                                          help="Key clients send in the X-API-Key header (required unless "
-                                               "--no-auth)."),
+    api_key: Optional[List[str]] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
+                                                help="Key clients send in the X-API-Key header (required unless "
+                                                     "--no-auth); NAME=KEY names it (reviews record the name), "
+                                                     "repeat for several."),
     no_auth: bool = typer.Option(False, "--no-auth", help="No API key (only allowed on a loopback --host)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MiB (larger: 413)."),
     max_pixels: int = typer.Option(40_000_000, help="Largest accepted image, width x height (larger: 413)."),

@@ -89,8 +89,8 @@ def test_an_existing_log_is_upgraded_by_an_appended_migration_and_keeps_its_rows
     log = open_log(log_url)
     kept = fill(log, 3)
     log.close()
-    new = ("reviews", ["ALTER TABLE inspections ADD COLUMN note {text}",
-                       "CREATE TABLE reviews (id {id}, inspection_id {ref} NOT NULL REFERENCES inspections (id), "
+    new = ("audits", ["ALTER TABLE inspections ADD COLUMN note {text}",
+                       "CREATE TABLE audits (id {id}, inspection_id {ref} NOT NULL REFERENCES inspections (id), "
                        "label {text} NOT NULL, at {float} NOT NULL)"])
     monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, new])
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
@@ -99,11 +99,11 @@ def test_an_existing_log_is_upgraded_by_an_appended_migration_and_keeps_its_rows
         assert log.schema_version() == SCHEMA_VERSION + 1
         assert [log.get(r.id) for r in kept] == kept
         with log._transaction() as run:
-            run("INSERT INTO reviews (inspection_id, label, at) VALUES (?, ?, ?)", (kept[1].id, "false alarm", 1.5))
+            run("INSERT INTO audits (inspection_id, label, at) VALUES (?, ?, ?)", (kept[1].id, "false alarm", 1.5))
             assert run("SELECT note FROM inspections WHERE id = ?", (kept[0].id,)) == [(None,)]
-            assert run("SELECT inspection_id, label FROM reviews", ()) == [(kept[1].id, "false alarm")]
+            assert run("SELECT inspection_id, label FROM audits", ()) == [(kept[1].id, "false alarm")]
             described = run("SELECT description FROM schema_version ORDER BY version", ())
-        assert described[-1] == ("reviews",)
+        assert described[-1] == ("audits",)
     finally:
         log.close()
 

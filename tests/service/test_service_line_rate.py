@@ -18,7 +18,7 @@ from gaikan.errors import SettingsError
 from gaikan.service.app import InspectionService, create_app
 from gaikan.service.models import parse_model_specs
 from gaikan.service.scoring import MicroBatcher
-from gaikan.service.store import InspectionStore
+from gaikan.service.store import SCHEMA_VERSION, InspectionStore
 
 KEY = "line-rate-key"
 H = {"X-API-Key": KEY}
@@ -256,4 +256,4 @@ def test_a_version_1_log_is_upgraded_in_place(tmp_path):
     assert store.set_pictures(1, thumb="ee").thumb_sha256 == "ee"
     assert store.set_pictures(1, thumb="ff").thumb_sha256 == "ee"  # drawn once, kept
     store.close()
-    assert sqlite3.connect(data / "inspections.sqlite3").execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(data / "inspections.sqlite3").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -13,6 +13,8 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``)::
     GET  /v1/inspections/{id}/{kind}     its stored image: image | thumb | heatmap | overlay (pictures
                                          drawn on their first request unless figures="eager")
     GET  /metrics                        Prometheus text format (no key needed: aggregate counts only)
+    GET  /v1/review-queue, /v1/reviews, /v1/stats; POST /v1/inspections/{id}/review
+                                         the dashboard's review loop and charts (gaikan.service.dashboard)
     GET  /healthz                        liveness + model id (no key needed)
     GET  /                               the web page (static files, no key needed; the page asks for it)
 
@@ -31,7 +33,6 @@ image or a bad field.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import time
@@ -83,7 +84,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_auth_settings(api_key: str | None, no_auth: bool, host: str) -> None:
+def check_auth_settings(api_key, no_auth: bool, host: str) -> None:
     """Refuse an open service: --no-auth only on a loopback host, otherwise a key is required."""
     if no_auth:
         if not is_loopback(host):
@@ -344,7 +345,7 @@ def inspection_json(row) -> dict:
     return d
 
 
-def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool = False,
+def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
                host: str = "127.0.0.1", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "auto", workers: int = 0,
                max_batch: int = 8, max_wait_ms: float = 2.0, figures: str = "lazy", drift: dict | None = None,
@@ -352,7 +353,8 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
     """Build the FastAPI app: loads the model(s) (once) and opens the log (``db``, else SQLite in ``data_dir``).
 
     ``model_dir``: one model directory (served as "default") or {name: directory}.
-    ``api_key`` (else env GAIKAN_API_KEY) is required unless ``no_auth`` and ``host`` is loopback.
+    ``api_key`` (else env GAIKAN_API_KEY) is required unless ``no_auth`` and ``host`` is loopback: a
+    key, ``NAME=KEY``, a list of those, or a {name: key} dict (:mod:`gaikan.service.keys`).
     ``runtime``, ``workers``, ``max_batch``, ``max_wait_ms``: the scoring path
     (:mod:`gaikan.service.scoring`); ``figures``: when pictures are drawn (:class:`InspectionService`);
     ``drift``: :class:`gaikan.service.monitor.DriftMonitor` settings (window, min_count, level,
@@ -362,8 +364,11 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
 
     from fastapi.responses import Response
 
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    check_auth_settings(api_key, no_auth, host)
+    from gaikan.service.dashboard import dashboard_router
+    from gaikan.service.keys import NO_AUTH_NAME, key_name, parse_api_keys
+
+    api_keys = parse_api_keys(api_key or os.environ.get(API_KEY_ENV, "").split() or None)
+    check_auth_settings(api_keys, no_auth, host)
     service = InspectionService(model_dir, data_dir, max_pixels=max_pixels, runtime=runtime, workers=workers,
                                 max_batch=max_batch, max_wait_ms=max_wait_ms, figures=figures, drift=drift,
                                 db=db)
@@ -378,14 +383,17 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
                               "is logged (SQLite or PostgreSQL) before the answer is sent.")
     app.state.service = service
 
-    def require_key(request: Request) -> None:
+    def require_key(request: Request) -> str:
+        """The auth dependency: the name of the key the request sent (401 if none or unknown)."""
         if no_auth:
-            return
+            return NO_AUTH_NAME
         given = request.headers.get(API_KEY_HEADER)
         if not given:
             raise HTTPException(401, f"missing API key: send it in the {API_KEY_HEADER} header")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        name = key_name(api_keys, given)
+        if name is None:
             raise HTTPException(401, f"wrong API key in the {API_KEY_HEADER} header")
+        return name
 
     @app.middleware("http")
     async def limit_upload_size(request: Request, call_next):
@@ -506,6 +514,8 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
             raise HTTPException(404, f"no {kind} for inspection {inspection_id}")
         path, media_type = found
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
+    app.include_router(dashboard_router(service, require_key))
 
     @app.get("/", include_in_schema=False)
     def index():

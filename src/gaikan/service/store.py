@@ -124,6 +124,21 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE inspections ADD COLUMN drift {int}",
         "ALTER TABLE inspections ADD COLUMN map_sha256 {text}",
     ]),
+    # operators' reviews of NG verdicts (append-only: a later review of the same inspection
+    # supersedes the earlier one, which stays as history)
+    ("reviews", [
+        """CREATE TABLE reviews (
+            id              {id},
+            inspection_id   {ref}   NOT NULL REFERENCES inspections (id),
+            created         {float} NOT NULL,          -- unix time (s)
+            created_utc     {text}  NOT NULL,          -- ISO 8601, UTC
+            reviewer        {text}  NOT NULL,          -- the API key's name
+            label           {text}  NOT NULL CHECK (label IN ('false_alarm', 'defect')),
+            defect_type     {text},                    -- set iff label = 'defect'
+            CHECK ((label = 'defect') = (defect_type IS NOT NULL))
+        )""",
+        "CREATE INDEX reviews_inspection ON reviews (inspection_id, id)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -167,7 +182,29 @@ class Inspection:
         return asdict(self)
 
 
+REVIEW_LABELS = ("false_alarm", "defect")
+
+
+@dataclass
+class Review:
+    """One operator review of an inspection (who = the API key's name)."""
+
+    id: int
+    inspection_id: int
+    created: float
+    created_utc: str
+    reviewer: str
+    label: str
+    defect_type: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 _COLUMNS = [f.name for f in dataclasses.fields(Inspection)]
+_REVIEW_COLUMNS = [f.name for f in dataclasses.fields(Review)]
+# the current review of inspection i: its latest one
+_CURRENT_REVIEW = "reviews.id = (SELECT MAX(r2.id) FROM reviews r2 WHERE r2.inspection_id = {i}.id)"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Inspection) if f.default is not dataclasses.MISSING}
 
 
@@ -306,6 +343,74 @@ class LogStore(ABC):
             with self._transaction() as run:
                 run(f"UPDATE inspections SET {sets} WHERE id = ?", [*sha256s.values(), int(inspection_id)])
         return self.get(inspection_id)
+
+    # ---- reviews --------------------------------------------------------------------------------
+    def add_review(self, inspection_id: int, *, label: str, reviewer: str, defect_type: str | None = None,
+                   created: float | None = None) -> Review:
+        """Record a review of one inspection and commit it (a later review supersedes an earlier one)."""
+        if label not in REVIEW_LABELS:
+            raise ValueError(f"review label must be one of {REVIEW_LABELS}, not {label!r}")
+        if (label == "defect") != (defect_type is not None):
+            raise ValueError("a 'defect' review needs a defect_type; a 'false_alarm' review has none")
+        created = time.time() if created is None else float(created)
+        values = [int(inspection_id), created, _utc_iso(created), reviewer, label, defect_type]
+        cols = _REVIEW_COLUMNS[1:]
+        with self._transaction() as run:
+            row_id = run(f"INSERT INTO reviews ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                         "RETURNING id", values)[0][0]
+        return Review(int(row_id), *values)
+
+    def current_reviews(self, inspection_ids) -> dict[int, Review]:
+        """{inspection id: its latest review} for those of ``inspection_ids`` that have one."""
+        ids = [int(i) for i in inspection_ids]
+        if not ids:
+            return {}
+        with self._transaction() as run:
+            rows = run(f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews WHERE inspection_id IN "
+                       f"({', '.join('?' for _ in ids)}) ORDER BY id", ids)
+        return {r.inspection_id: r for r in (Review(*row) for row in rows)}  # later ids overwrite
+
+    def review_queue(self, *, limit: int = 50, offset: int = 0,
+                     model_id: str | None = None) -> tuple[list[Inspection], int]:
+        """NG inspections nobody has reviewed yet, newest first; returns (page, total in the queue)."""
+        where = "verdict = 'NG' AND NOT EXISTS (SELECT 1 FROM reviews WHERE reviews.inspection_id = inspections.id)"
+        args: list = []
+        if model_id is not None:
+            where += " AND model_id = ?"
+            args.append(model_id)
+        with self._transaction() as run:
+            total = run(f"SELECT COUNT(*) FROM inspections WHERE {where}", args)[0][0]
+            rows = run(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE {where} "
+                       "ORDER BY id DESC LIMIT ? OFFSET ?", [*args, int(limit), int(offset)])
+        return [Inspection(*r) for r in rows], int(total)
+
+    def recent_reviews(self, *, limit: int = 20) -> list[Review]:
+        """The latest reviews (all of them, superseded ones included), newest first."""
+        with self._transaction() as run:
+            rows = run(f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews ORDER BY id DESC LIMIT ?", (int(limit),))
+        return [Review(*r) for r in rows]
+
+    def reviewed_window(self, *, since: float | None = None, until: float | None = None,
+                        model_id: str | None = None, limit: int = 50_000) -> list[tuple]:
+        """The newest ``limit`` inspections in [since, until) as tuples (id, created, score, verdict,
+        threshold, p_value, current review label or None, its defect_type), newest first."""
+        where, args = [], []
+        if since is not None:
+            where.append("inspections.created >= ?")
+            args.append(float(since))
+        if until is not None:
+            where.append("inspections.created < ?")
+            args.append(float(until))
+        if model_id is not None:
+            where.append("inspections.model_id = ?")
+            args.append(model_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = ("SELECT inspections.id, inspections.created, inspections.score, inspections.verdict, "
+               "inspections.threshold, inspections.p_value, reviews.label, reviews.defect_type "
+               f"FROM inspections LEFT JOIN reviews ON {_CURRENT_REVIEW.format(i='inspections')} "
+               f"{clause} ORDER BY inspections.id DESC LIMIT ?")
+        with self._transaction() as run:
+            return [tuple(r) for r in run(sql, [*args, int(limit)])]
 
 
 class SQLiteStore(LogStore):
@@ -500,6 +605,21 @@ class InspectionStore:
 
     def set_pictures(self, inspection_id: int, **sha256s: str) -> Inspection | None:
         return self.log.set_pictures(inspection_id, **sha256s)
+
+    def add_review(self, inspection_id: int, **kwargs) -> Review:
+        return self.log.add_review(inspection_id, **kwargs)
+
+    def current_reviews(self, inspection_ids) -> dict[int, Review]:
+        return self.log.current_reviews(inspection_ids)
+
+    def review_queue(self, **kwargs) -> tuple[list[Inspection], int]:
+        return self.log.review_queue(**kwargs)
+
+    def recent_reviews(self, **kwargs) -> list[Review]:
+        return self.log.recent_reviews(**kwargs)
+
+    def reviewed_window(self, **kwargs) -> list[tuple]:
+        return self.log.reviewed_window(**kwargs)
 
     def close(self) -> None:
         self.log.close()
