@@ -15,16 +15,16 @@ from typing import Sequence
 import numpy as np
 
 from gaikan.data.datasets import DataSplit, ImageSet, load_data
-from gaikan.data.images import list_images, read_image
+from gaikan.data.inputs import SCORED, SKIPPED, UNREADABLE, scan_inputs, score_files
 from gaikan.detectors.base import Detector, get_detector_class
-from gaikan.errors import DataError, GaikanError, ImageReadError
+from gaikan.errors import DataError, GaikanError
 from gaikan.evaluation.metrics import Evaluation, evaluate_scores, spearman
 from gaikan.io.model_io import prepare_output_dir, save_detector
 from gaikan.progress import batches, track
 
 RESULTS_CSV = "results.csv"
 NG_LIST = "ng_list.txt"
-UNREADABLE = "UNREADABLE"
+# UNREADABLE and SKIPPED (imported above from gaikan.data.inputs) are the verdicts of files not scored
 
 
 def set_threads(threads: int) -> None:
@@ -276,7 +276,7 @@ def write_html_report_for(run: EvaluationRun, detector: Detector, test: ImageSet
 class Prediction:
     path: str
     score: float | None
-    verdict: str  # "OK", "NG" or "UNREADABLE"
+    verdict: str  # "OK", "NG", "UNREADABLE" or "SKIPPED" (error then holds the reason)
     threshold: float
     error: str = ""
     figure: str = ""
@@ -305,70 +305,62 @@ def load_scorer(model: str | Path, runtime: str = "torch", *, threads: int = 0):
     raise GaikanError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files and folders (their images, not recursive) -> image paths; a missing path is an error."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise DataError(f"{p} contains no images")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise DataError(f"{p} does not exist")
-    if not paths:
-        raise DataError("no input images were given")
-    return paths
+def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> list[Path]:
+    """Files and folders -> the image paths to read (``gaikan.data.inputs.scan_inputs``'s PENDING rows);
+    a batch job that must account for every file found uses ``scan_inputs`` itself."""
+    return [Path(r.path) for r in scan_inputs(inputs, recursive=recursive).pending()]
 
 
 def predict_files(detector: Detector, inputs: Sequence[str | Path], out_dir: Path, *, force: bool = False,
-                  figures: bool = True, batch_size: int = 16) -> list[Prediction]:
+                  figures: bool = True, batch_size: int = 16, recursive: bool = False,
+                  notes: list[str] | None = None) -> list[Prediction]:
     """Score image files; write results.csv, ng_list.txt and one figure per image into ``out_dir``.
 
-    Unreadable files are listed with verdict UNREADABLE and their error; the rest are still scored.
+    Every file found gets a row (``gaikan.data.inputs``: scanning, reading, per-file errors): verdict
+    OK / NG for a scored image, UNREADABLE (the error names the file and the problem: corrupt,
+    truncated, too small, too large, ...) or SKIPPED (e.g. an unsupported file type), in input order;
+    one bad file never stops the batch. ``recursive`` searches sub-folders; the one-line notes (e.g.
+    sub-folders not searched) are appended to ``notes``. ``out_dir`` is written atomically: on a
+    failure (a full disk) it is left as it was and a GaikanError says so.
     """
     from gaikan.evaluation.plots import plot_inspection
+    from gaikan.io.atomic import atomic_dir, check_output_dir
 
-    paths = expand_inputs(inputs)
     out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, overwrite=force, what="results directory")
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, overwrite=force, what="results directory")
+    scan = scan_inputs(inputs, recursive=recursive)
+    if notes is not None:
+        notes.extend(scan.notes)
     threshold = detector.threshold
+
+    def score_fn(images):
+        result = detector.score(images)
+        return result.scores, result.maps
+
     predictions: list[Prediction] = []
     used_names: set[str] = set()
-    for sl in track(batches(len(paths), batch_size), "predict", total=None):
-        readable, images = [], []
-        for path in paths[sl]:
-            try:
-                images.append(read_image(path))
-                readable.append(path)
-            except ImageReadError as exc:
-                predictions.append(Prediction(str(path), None, UNREADABLE, threshold, error=str(exc)))
-        if not images:
-            continue
-        result = detector.score(images)
-        p_values = detector.p_values(result.scores)
-        for i, (path, image) in enumerate(zip(readable, images)):
-            score = float(result.scores[i])
-            verdict = "NG" if score > threshold else "OK"
-            pred = Prediction(str(path), score, verdict, threshold,
-                              p_value=None if p_values is None else float(p_values[i]))
+    with atomic_dir(out_dir, overwrite=force, what="results directory") as tmp:
+        fig_dir = tmp / "figures"
+        fig_dir.mkdir()
+        outcomes = score_files(scan.rows, score_fn, batch_size=batch_size)
+        for out in track(outcomes, "predict", total=len(scan.rows)):
+            if out.status != SCORED:
+                predictions.append(Prediction(out.path, None, out.status, threshold, error=out.reason))
+                continue
+            verdict = "NG" if out.score > threshold else "OK"
+            p_values = detector.p_values(np.array([out.score]))
+            pred = Prediction(out.path, out.score, verdict, threshold,
+                              p_value=None if p_values is None else float(p_values[0]))
             if figures:
-                name = _unique_name(path.stem, used_names)
-                amap = None if result.maps is None else result.maps[i]
+                name = _unique_name(Path(out.path).stem, used_names)
+                amap = out.map
                 hi = max(2.0 * threshold, float(amap.max())) if amap is not None else None
-                plot_inspection(image, amap, fig_dir / f"{name}.png", threshold=threshold, score=score,
-                                verdict=verdict, title=path.name,
+                plot_inspection(out.image, amap, fig_dir / f"{name}.png", threshold=threshold, score=out.score,
+                                verdict=verdict, title=Path(out.path).name,
                                 map_range=None if amap is None else (float(amap.min()), hi))
                 pred.figure = f"figures/{name}.png"
             predictions.append(pred)
-    order = {str(p): i for i, p in enumerate(paths)}
-    predictions.sort(key=lambda p: order[p.path])
-    write_predictions(predictions, out_dir)
+        write_predictions(predictions, tmp)
     return predictions
 
 

@@ -15,7 +15,8 @@ SQLite log and committed *before* the response is sent (see :mod:`gaikan.service
 
 Bad input answers with ``{"detail": "<one line>"}``: 401 missing/wrong API key, 404 unknown id,
 413 upload larger than ``max_upload_bytes`` or image larger than ``max_pixels``, 415 not an image,
-422 a truncated/corrupt image or a bad field.
+422 a truncated/corrupt/too-small image or a bad field, 503 (with ``Retry-After``) the log cannot take
+the row now (locked, disk full): nothing was logged, retry. See :mod:`gaikan.service.errors`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from gaikan.errors import GaikanError, ImageReadError
+from gaikan.service.errors import install_error_handling
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "GAIKAN_API_KEY"
@@ -124,19 +126,20 @@ class InspectionService:
 
     def inspect_bytes(self, data: bytes, *, part_id: str | None = None, name: str = "upload") -> dict:
         """Decode, score, render, store and log one upload; returns the API's JSON dict."""
-        from gaikan.data.images import read_image
+        from gaikan.data.inputs import read_input
+        from gaikan.service.store import BLOB_EXTENSIONS, unavailable_on_errors
         from gaikan.service.render import inspection_pictures
-        from gaikan.service.store import BLOB_EXTENSIONS
 
         t0 = time.perf_counter()
         kind, width, height = identify_upload(data, self.max_pixels, name)
         tmp = self.store.temp_path(BLOB_EXTENSIONS[kind])
         try:
-            tmp.write_bytes(data)
-            try:
-                image = read_image(tmp, max_pixels=self.max_pixels)
+            with unavailable_on_errors("nothing was logged"):
+                tmp.write_bytes(data)
+            try:  # the per-file rules of gaikan.data.inputs: decoding, bombs, too small, NaN, ...
+                image = read_input(tmp, max_pixels=self.max_pixels)
             except ImageReadError as exc:
-                problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("cannot read image") else str(exc)
+                problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("cannot ") else str(exc)
                 status = 413 if "more than the limit" in problem else 422
                 raise UploadRefused(status, f"{name}: {problem}") from None
         finally:
@@ -144,7 +147,10 @@ class InspectionService:
         t1 = time.perf_counter()
         with self._score_lock:
             t_locked = time.perf_counter()
-            result = self.detector.score([image])
+            try:
+                result = self.detector.score([image])
+            except GaikanError as exc:  # the image's problem, not the service's
+                raise UploadRefused(422, f"{name}: cannot score the image ({' '.join(str(exc).split())})") from None
             p_values = self.detector.p_values(result.scores)
         t2 = time.perf_counter()
         score = float(result.scores[0])
@@ -278,6 +284,7 @@ def create_app(model_dir, data_dir, api_key: str | None = None, *, no_auth: bool
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install_error_handling(app)  # 503 + Retry-After when the log is unavailable; error codes in the schema
     return app
 
 

@@ -10,12 +10,16 @@ Layout of a data directory::
 Durability: blobs are written (temporary name, then an atomic rename) before the row that names
 them is inserted, and the row is committed with ``synchronous=FULL`` before the HTTP response is
 sent, so a client that got an answer finds its inspection in the log even if the process is
-killed right after. Nothing a client sends (file names included) becomes part of a path: blob
+killed right after. When the log cannot take a row (locked by another process past
+``BUSY_TIMEOUT_S``, disk full, I/O error) or a blob cannot be written, the store raises
+``gaikan.service.errors.StoreUnavailable`` (the service answers 503 with Retry-After): the row was
+not written, so no acknowledged inspection is lost. Nothing a client sends (file names included) becomes part of a path: blob
 names are hex digests and the extension comes from a fixed table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -26,9 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gaikan.errors import GaikanError
+from gaikan.service.errors import StoreUnavailable
 
 DB_NAME = "inspections.sqlite3"
 SCHEMA_VERSION = 1
+#: how long a write waits for a lock held by another connection before the request gets a 503
+BUSY_TIMEOUT_S = 5.0
 
 #: blob extensions we write (the key is what the caller asks for; nothing else is accepted)
 BLOB_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif",
@@ -95,6 +102,24 @@ class Inspection:
 _COLUMNS = [f for f in Inspection.__dataclass_fields__]
 
 
+@contextlib.contextmanager
+def unavailable_on_errors(what: str):
+    """sqlite3 operational/database errors and OSError -> StoreUnavailable (503); programming and
+    integrity errors (bugs) pass through."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnavailable(f"the inspection log is unavailable ({' '.join(str(exc).split())}); {what}: "
+                               "retry later") from None
+    except OSError as exc:
+        from gaikan.io.atomic import describe_os_error
+
+        raise StoreUnavailable(f"the service cannot store data ({describe_os_error(exc)}); {what}: "
+                               "retry later") from None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -113,7 +138,8 @@ class InspectionStore:
         self.db_path = self.data_dir / DB_NAME
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -138,11 +164,15 @@ class InspectionStore:
         digest = sha256_bytes(data)
         path = self.blob_path(digest, ext)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.tmp_dir / f"blob-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with unavailable_on_errors("nothing was logged"):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
         return digest, ext
 
     def temp_path(self, ext: str = ".bin") -> Path:
@@ -161,14 +191,14 @@ class InspectionStore:
         if missing:
             raise ValueError(f"inspection fields missing: {missing}")
         values = [fields[c] for c in cols]
-        with self._lock:
+        with self._lock, unavailable_on_errors("nothing was logged"):
             cur = self._db.execute(
                 f"INSERT INTO inspections ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})", values)
             row_id = cur.lastrowid
         return Inspection(id=row_id, **{c: fields[c] for c in cols})
 
     def get(self, inspection_id: int) -> Inspection | None:
-        with self._lock:
+        with self._lock, unavailable_on_errors("the log could not be read"):
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE id = ?",
                                    (int(inspection_id),)).fetchone()
         return None if row is None else Inspection(*row)
@@ -188,7 +218,7 @@ class InspectionStore:
             args.append(float(until))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "(verdict = 'NG') DESC, id DESC" if ng_first else "id DESC"
-        with self._lock:
+        with self._lock, unavailable_on_errors("the log could not be read"):
             total = self._db.execute(f"SELECT COUNT(*) FROM inspections {clause}", args).fetchone()[0]
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM inspections {clause} ORDER BY {order} LIMIT ? OFFSET ?",
@@ -196,7 +226,7 @@ class InspectionStore:
         return [Inspection(*r) for r in rows], int(total)
 
     def count(self) -> int:
-        with self._lock:
+        with self._lock, unavailable_on_errors("the log could not be read"):
             return int(self._db.execute("SELECT COUNT(*) FROM inspections").fetchone()[0])
 
     def close(self) -> None:
