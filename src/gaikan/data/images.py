@@ -93,7 +93,10 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     naming the file, for a missing file, a file that is not an image, a truncated or corrupt file
     (the pixel data are decoded here, not lazily) and an image larger than ``max_pixels`` pixels.
     Truncated files are refused as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its
-    default ``False`` (this module never changes it).
+    default ``False`` (this module never changes it). Memory: the pixel buffer is allocated only
+    after the header's size passed ``max_pixels``, so a file never costs more than about
+    ``max_pixels`` x 16 bytes whatever size it declares; a MemoryError is passed on as such (it is
+    not the file's fault).
     """
     path_str = os.fspath(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # pragma: no cover - someone else changed the global
@@ -113,6 +116,8 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise _fail(path_str, "it is a directory") from None
     except PermissionError:
         raise _fail(path_str, "permission denied") from None
+    except MemoryError:  # not the file's fault: the caller decides (gaikan.data.inputs makes it a row)
+        raise
     except UnidentifiedImageError:
         empty = os.path.isfile(path_str) and os.path.getsize(path_str) == 0
         raise _fail(path_str, "empty file (0 bytes)" if empty else
@@ -132,7 +137,7 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_array(img, path_str)
-        except ImageReadError:
+        except (ImageReadError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
