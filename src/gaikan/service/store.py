@@ -100,6 +100,7 @@ class Inspection:
 
 
 _COLUMNS = [f for f in Inspection.__dataclass_fields__]
+_SQLITE_MIN, _SQLITE_MAX = -(2**63), 2**63 - 1  # SQLite INTEGER range
 
 
 @contextlib.contextmanager
@@ -198,6 +199,8 @@ class InspectionStore:
         return Inspection(id=row_id, **{c: fields[c] for c in cols})
 
     def get(self, inspection_id: int) -> Inspection | None:
+        if not _SQLITE_MIN <= int(inspection_id) <= _SQLITE_MAX:  # no such row (and no OverflowError)
+            return None
         with self._lock, unavailable_on_errors("the log could not be read"):
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE id = ?",
                                    (int(inspection_id),)).fetchone()
@@ -222,7 +225,7 @@ class InspectionStore:
             total = self._db.execute(f"SELECT COUNT(*) FROM inspections {clause}", args).fetchone()[0]
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM inspections {clause} ORDER BY {order} LIMIT ? OFFSET ?",
-                [*args, int(limit), int(offset)]).fetchall()
+                [*args, min(int(limit), _SQLITE_MAX), min(int(offset), _SQLITE_MAX)]).fetchall()
         return [Inspection(*r) for r in rows], int(total)
 
     def count(self) -> int:
