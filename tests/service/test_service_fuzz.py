@@ -90,7 +90,7 @@ def test_the_schema_documents_the_error_codes(service_model, tmp_path):
     app = create_app(service_model, tmp_path / "log", KEY)
     paths = TestClient(app).get("/openapi.json").json()["paths"]
     inspect = paths["/v1/inspect"]["post"]["responses"]
-    assert {"200", "401", "413", "415", "422", "503"} <= set(inspect)
+    assert {"200", "400", "401", "413", "415", "422", "503"} <= set(inspect)
     assert inspect["503"]["headers"]["Retry-After"]["required"] is True
     assert {"401", "404", "503"} <= set(paths["/v1/inspections/{inspection_id}"]["get"]["responses"])
     assert set(paths["/healthz"]["get"]["responses"]) == {"200"}

@@ -14,6 +14,7 @@
   ====================================  ==========================================================
   every ``/v1/...`` route               401 missing or wrong API key, 503 log unavailable
   routes with a path parameter          404 unknown id / no such picture
+  routes with a body                    400 malformed body (e.g. invalid multipart data)
   POST routes with a body               413 too large, 415 not an image (or an unaccepted format)
   routes with parameters or a body      422 a bad field (FastAPI's list of errors) or a corrupt,
                                         truncated or unusable image (one line)
@@ -63,6 +64,8 @@ def documented_errors(path: str, method: str, has_params: bool, has_body: bool) 
                                      "schema": {"type": "integer", "minimum": 0}}})
     if "{" in path:
         responses[404] = _response("No such inspection or picture")
+    if has_body:
+        responses[400] = _response("Malformed request body (e.g. invalid multipart data)")
     if method == "POST" and has_body:
         responses[413] = _response("Upload or image larger than the service's limits")
         responses[415] = _response("Not an image, or an image format the service does not accept")
