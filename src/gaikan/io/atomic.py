@@ -94,21 +94,3 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         raise
     shutil.rmtree(backup, ignore_errors=True)
 
-
-def write_bytes_atomic(path, data: bytes, *, what: str = "file") -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename (fsync'd first), so the
-    file is either the old or the new content; OSError becomes a GaikanError naming the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise GaikanError(f"cannot write the {what} {path}: {describe_os_error(exc)}; "
-                          f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
