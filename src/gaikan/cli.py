@@ -264,23 +264,34 @@ def predict(
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     workers: int = typer.Option(0, "--workers", help=WORKERS_HELP),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read the files in sub-folders of the "
+                                   "input folders (at any depth)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """OK/NG verdict, score and heat-map figure for each image; unreadable files are listed, not fatal."""
+    """OK/NG verdict, score and heat-map figure for each image. Every file found gets a row in results.csv:
+    unreadable ones (corrupt, too small, too large, ...) and skipped ones (unsupported type) with the reason."""
     from gaikan import pipeline
     from gaikan.engine import get_engine
 
     _set_quiet(quiet)
+    notes: list[str] = []
     with get_engine(engine, address=address, workers=workers) as runner:
         preds = pipeline.predict_with_engine(model, inputs, out, engine=runner, runtime=runtime, threads=threads,
-                                             force=force, figures=not no_figures)
+                                             force=force, figures=not no_figures, recursive=recursive, notes=notes)
+    for note in notes:
+        typer.echo(note, err=True)
     n_ng = sum(p.verdict == "NG" for p in preds)
+    n_ok = sum(p.verdict == "OK" for p in preds)
     bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
-    typer.echo(f"{len(preds) - len(bad)} images scored: {n_ng} NG, {len(preds) - len(bad) - n_ng} OK"
-               f"{f', {len(bad)} unreadable' if bad else ''}; results in {out / pipeline.RESULTS_CSV}")
+    skipped = [p for p in preds if p.verdict == pipeline.SKIPPED]
+    extra = "".join(f", {n} {what}" for n, what in ((len(bad), "unreadable"), (len(skipped), "skipped")) if n)
+    typer.echo(f"{len(preds)} files: {n_ok + n_ng} images scored ({n_ng} NG, {n_ok} OK){extra}; "
+               f"results in {out / pipeline.RESULTS_CSV}")
     for p in bad:
         typer.echo(f"unreadable: {p.error}", err=True)
+    for p in skipped:
+        typer.echo(f"skipped: {p.error}", err=True)
 
 
 @app.command()

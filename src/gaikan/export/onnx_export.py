@@ -134,6 +134,12 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
     try:
         onnx.save_model(model, tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk: clear error, the previous file (if any) untouched
+        from gaikan.io.atomic import describe_os_error
+
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous file is unchanged" if out.exists() else "nothing was written"
+        raise GaikanError(f"cannot write the ONNX model {out}: {describe_os_error(exc)}; {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

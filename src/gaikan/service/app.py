@@ -27,8 +27,9 @@ sent (see :mod:`gaikan.service.store`).
 
 Bad input answers with ``{"detail": "<one line>"}``: 401 missing/wrong API key, 404 unknown id or
 model, 400 /v1/inspect while several models are served, 413 upload larger than
-``max_upload_bytes`` or image larger than ``max_pixels``, 415 not an image, 422 a truncated/corrupt
-image or a bad field.
+``max_upload_bytes`` or image larger than ``max_pixels``, 415 not an image, 422 a
+truncated/corrupt/too-small image or a bad field, 503 (with ``Retry-After``) the log cannot take the
+row now (locked, disk full, database down): nothing was logged, retry. See :mod:`gaikan.service.errors`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from gaikan.errors import GaikanError, ImageReadError
+from gaikan.service.errors import install_error_handling
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "GAIKAN_API_KEY"
@@ -200,17 +202,18 @@ class InspectionService:
             self.store.close()
 
     def _decode(self, data: bytes, name: str):
-        from gaikan.data.images import read_image
-        from gaikan.service.store import BLOB_EXTENSIONS
+        from gaikan.data.inputs import read_input
+        from gaikan.service.store import BLOB_EXTENSIONS, unavailable_on_errors
 
         kind, width, height = identify_upload(data, self.max_pixels, name)
         tmp = self.store.temp_path(BLOB_EXTENSIONS[kind])
         try:
-            tmp.write_bytes(data)
-            try:
-                image = read_image(tmp, max_pixels=self.max_pixels)
+            with unavailable_on_errors("nothing was logged"):
+                tmp.write_bytes(data)
+            try:  # the per-file rules of gaikan.data.inputs: decoding, bombs, too small, NaN, ...
+                image = read_input(tmp, max_pixels=self.max_pixels)
             except ImageReadError as exc:
-                problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("cannot read image") else str(exc)
+                problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("cannot ") else str(exc)
                 status = 413 if "more than the limit" in problem else 422
                 raise UploadRefused(status, f"{name}: {problem}") from None
         finally:
@@ -522,6 +525,7 @@ def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install_error_handling(app)  # 503 + Retry-After when the log is unavailable; error codes in the schema
     return app
 
 

@@ -46,6 +46,12 @@ and a rename is atomic, so several replicas may share one blob directory. Nothin
 (file names included) becomes part of a path: blob names are hex digests and the extension comes
 from a fixed table.
 
+Errors: when the log cannot take or give a row now (SQLite locked by another process past
+``BUSY_TIMEOUT_S``, disk full, I/O error; PostgreSQL down, restarted, out of connections) or a blob
+cannot be written (full disk), the store raises :class:`LogUnavailable`; the service answers 503
+with ``Retry-After`` (:mod:`gaikan.service.errors`). The row was not written, so no acknowledged
+inspection is lost.
+
 Schema version 2 (issue 9) adds, at the end of the row: ``model_name`` (the name the model is
 served under), ``model_version``, ``drift`` (1 if the model's drift flag was raised when the
 inspection was made, 0 if not, NULL without calibration scores) and ``map_sha256`` (the stored
@@ -72,6 +78,11 @@ from typing import Callable, Iterator, Sequence
 from gaikan.errors import GaikanError
 
 DB_NAME = "inspections.sqlite3"
+#: how long a SQLite write waits for a lock held by another connection before LogUnavailable (a 503)
+BUSY_TIMEOUT_S = 5.0
+#: seconds a client is told to wait before retrying after LogUnavailable (the 503's Retry-After)
+RETRY_AFTER_S = 2
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # the range of an id (SQLite INTEGER, PostgreSQL BIGINT)
 
 #: blob extensions we write (the key is what the caller asks for; nothing else is accepted)
 BLOB_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif",
@@ -209,7 +220,33 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Inspection) if f.defa
 
 
 class LogUnavailable(GaikanError):
-    """The log's database cannot be reached or is busy (locked, down, out of connections): retry later."""
+    """The log's database cannot be reached or is busy (locked, down, out of connections, disk full) or
+    a blob cannot be stored: retry after ``retry_after`` seconds (the service answers 503)."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = int(retry_after)
+
+
+@contextmanager
+def _unavailable_says(what: str):
+    """Append what it means for the request (e.g. "nothing was logged") to a LogUnavailable."""
+    try:
+        yield
+    except LogUnavailable as exc:
+        raise LogUnavailable(f"{exc}; {what}: retry later", exc.retry_after) from None
+
+
+@contextmanager
+def unavailable_on_errors(what: str):
+    """OSError while storing files (a full disk, an I/O error) -> LogUnavailable naming the problem."""
+    try:
+        yield
+    except OSError as exc:
+        from gaikan.io.atomic import describe_os_error
+
+        raise LogUnavailable(f"the service cannot store data ({describe_os_error(exc)}); {what}: "
+                             "retry later") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -295,13 +332,15 @@ class LogStore(ABC):
         if unknown:
             raise ValueError(f"unknown inspection fields: {unknown}")
         values = [fields[c] for c in cols]
-        with self._transaction() as run:
+        with _unavailable_says("nothing was logged"), self._transaction() as run:
             row_id = run(f"INSERT INTO inspections ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
                          "RETURNING id", values)[0][0]
         return Inspection(id=int(row_id), **{c: fields[c] for c in cols})
 
     def get(self, inspection_id: int) -> Inspection | None:
-        with self._transaction() as run:
+        if not _INT_MIN <= int(inspection_id) <= _INT_MAX:  # no such row (and no overflow in the driver)
+            return None
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             rows = run(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE id = ?", (int(inspection_id),))
         return Inspection(*rows[0]) if rows else None
 
@@ -320,14 +359,14 @@ class LogStore(ABC):
             args.append(float(until))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "(verdict = 'NG') DESC, id DESC" if ng_first else "id DESC"
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             total = run(f"SELECT COUNT(*) FROM inspections {clause}", args)[0][0]
             rows = run(f"SELECT {', '.join(_COLUMNS)} FROM inspections {clause} ORDER BY {order} LIMIT ? OFFSET ?",
-                       [*args, int(limit), int(offset)])
+                       [*args, min(int(limit), _INT_MAX), min(int(offset), _INT_MAX)])
         return [Inspection(*r) for r in rows], int(total)
 
     def count(self) -> int:
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             return int(run("SELECT COUNT(*) FROM inspections", ())[0][0])
 
     def set_pictures(self, inspection_id: int, **sha256s: str) -> Inspection | None:
@@ -423,7 +462,8 @@ class SQLiteStore(LogStore):
         self.location = str(self.path)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
@@ -440,16 +480,23 @@ class SQLiteStore(LogStore):
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
-            except sqlite3.OperationalError as exc:  # "database is locked" after the 30 s timeout
-                raise LogUnavailable(f"the inspection log {self.path} is busy: {exc}") from None
+            except sqlite3.OperationalError as exc:  # "database is locked" after BUSY_TIMEOUT_S
+                raise LogUnavailable(f"the inspection log {self.path} is busy ({exc})") from None
             try:
                 yield run
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
-                    raise LogUnavailable(f"the inspection log {self.path} is busy: {exc}") from None
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:  # e.g. the disk is full: the transaction is dropped anyway
+                        pass
+                # locked past the busy timeout, disk full, I/O error; integrity and programming errors
+                # (bugs) pass through
+                if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                        exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                    raise LogUnavailable(f"the inspection log {self.path} is unavailable "
+                                         f"({' '.join(str(exc).split())})") from None
                 raise
 
     def _existing_version(self, run: Run) -> int | None:
@@ -579,11 +626,15 @@ class InspectionStore:
         digest = sha256_bytes(data)
         path = self.blob_path(digest, ext)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.tmp_dir / f"blob-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with unavailable_on_errors("nothing was logged"):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
         return digest, ext
 
     def temp_path(self, ext: str = ".bin") -> Path:
