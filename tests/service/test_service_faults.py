@@ -7,7 +7,6 @@ import sqlite3
 import threading
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 
 import gaikan.service.store as store
