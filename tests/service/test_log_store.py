@@ -227,3 +227,25 @@ def test_a_restarted_server_is_reconnected_to_and_a_stopped_one_is_log_unavailab
                 store.add(**fields(2))
         finally:
             store.close()
+
+
+def test_reviews_and_pictures_give_the_same_answers_on_both_backends(log):
+    """The merged schema versions 2 (issue 9: pictures drawn later) and 3 (issue 9ui: reviews) through
+    the LogStore methods, on SQLite and PostgreSQL."""
+    added = fill(log)  # NG: p1, p5
+    assert log.set_pictures(added[0].id, heatmap="e" * 64).heatmap_sha256 == "e" * 64
+    assert log.set_pictures(added[0].id, heatmap="f" * 64).heatmap_sha256 == "e" * 64  # drawn once, kept
+    queue, n = log.review_queue()
+    assert n == 2 and [r.part_id for r in queue] == ["p5", "p1"]
+    log.add_review(added[1].id, label="defect", defect_type="ひび割れ", reviewer="alice", created=5.0)
+    log.add_review(added[1].id, label="false_alarm", reviewer="bob", created=6.0)  # supersedes alice's
+    with pytest.raises(ValueError, match="needs a defect_type"):
+        log.add_review(added[5].id, label="defect", reviewer="alice")
+    assert [r.part_id for r in log.review_queue()[0]] == ["p5"]
+    current = log.current_reviews([r.id for r in added])
+    assert set(current) == {added[1].id} and (current[added[1].id].reviewer, current[added[1].id].label) == (
+        "bob", "false_alarm")
+    assert [(r.reviewer, r.defect_type) for r in log.recent_reviews()] == [("bob", None), ("alice", "ひび割れ")]
+    window = log.reviewed_window()
+    assert [w[0] for w in window] == [r.id for r in reversed(added)]
+    assert {w[0]: w[6] for w in window if w[6]} == {added[1].id: "false_alarm"}  # only the current review
