@@ -40,9 +40,10 @@ import time
 import warnings
 from io import BytesIO
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -54,6 +55,9 @@ from gaikan.service.errors import install_error_handling
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "GAIKAN_API_KEY"
+#: a served model's name in a URL: the rule of gaikan.service.models.check_model_name (else 422)
+ModelName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                     description="the name the model is served under (--model NAME=DIR)")]
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 STATIC_DIR = Path(__file__).parent / "static"
@@ -441,7 +445,7 @@ def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
 
     @app.post("/v1/models/{name}/inspect", tags=["inspections"], dependencies=[Depends(require_key)],
               summary="Inspect one image with the model served under {name}")
-    async def inspect_with(name: str, file: UploadFile, part_id: str | None = Form(None, max_length=200)) -> dict:
+    async def inspect_with(name: ModelName, file: UploadFile, part_id: str | None = Form(None, max_length=200)) -> dict:
         return await _inspect(file, part_id, name)
 
     def _served(name: str):
@@ -456,12 +460,12 @@ def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
         return {"models": [m.info() for m in service.registry.all()]}
 
     @app.get("/v1/models/{name}", tags=["models"], dependencies=[Depends(require_key)])
-    def get_model(name: str) -> dict:
+    def get_model(name: ModelName) -> dict:
         return _served(name).info()
 
     @app.post("/v1/models/{name}/swap", tags=["models"], dependencies=[Depends(require_key)],
               summary="Serve a new model version under {name}; requests under way finish on the old one")
-    async def swap_model(name: str, body: SwapRequest) -> dict:
+    async def swap_model(name: ModelName, body: SwapRequest) -> dict:
         _served(name)
         try:
             return await run_in_threadpool(service.swap_model, name, body.model_dir)
@@ -480,7 +484,7 @@ def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
         return {"drift": any(m["drift"] for m in models.values()), "models": models}
 
     @app.get("/v1/models/{name}/drift", tags=["monitoring"], dependencies=[Depends(require_key)])
-    def drift_one(name: str) -> dict:
+    def drift_one(name: ModelName) -> dict:
         return _drift_json(_served(name))
 
     @app.get("/metrics", tags=["monitoring"], response_class=Response,
@@ -518,7 +522,7 @@ def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
         path, media_type = found
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
 
-    app.include_router(dashboard_router(service, require_key))
+    dashboard_router(service, require_key, router=app.router)  # plain app routes: errors.py documents them
 
     @app.get("/", include_in_schema=False)
     def index():

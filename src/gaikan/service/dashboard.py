@@ -126,11 +126,14 @@ def window_stats(store, *, window_s: float, now: float | None = None, model_id: 
             "totals": totals, "series": series, "histogram": hist}
 
 
-def dashboard_router(service, require_key) -> APIRouter:
-    """The review and stats routes; ``require_key`` is the app's auth dependency (returns the key's name)."""
+def dashboard_router(service, require_key, router: APIRouter | None = None) -> APIRouter:
+    """The review and stats routes; ``require_key`` is the app's auth dependency (returns the key's name).
+    ``router``: where to add them (the app's own ``app.router``, so that they are plain routes of the
+    app: FastAPI >= 0.16x wraps an included router, which gaikan.service.errors would not see to
+    document their error codes); a new APIRouter if None."""
     from gaikan.service.app import inspection_json
 
-    router = APIRouter()
+    router = APIRouter() if router is None else router
     store = service.store
 
     def with_review(row, review=None) -> dict:
@@ -145,6 +148,10 @@ def dashboard_router(service, require_key) -> APIRouter:
         return {"items": [with_review(r) for r in rows], "total": total, "limit": limit, "offset": offset}
 
     @router.post("/v1/inspections/{inspection_id}/review", tags=["reviews"],
+                 responses={409: {"description": "The inspection's verdict is OK: only NG verdicts are reviewed",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "properties": {"detail": {"type": "string"}},
+                                      "required": ["detail"]}}}}},
                  summary="Mark an NG inspection as a false alarm or a defect of some type (who: the API key's name)")
     def review(inspection_id: int, body: ReviewIn, reviewer: str = Depends(require_key)) -> dict:
         row = store.get(inspection_id)
