@@ -45,8 +45,10 @@ uploads = st.one_of(images, images, images.flatmap(lambda b: st.integers(0, len(
                     st.binary(max_size=512))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def api_schema(service_model, tmp_path_factory):
+    # one app per test: schemathesis' pytest plugin ends an ASGI app's lifespan at each test's teardown,
+    # and the service closes its models and log there (issue 9's lifespan, issue 10pg's pool)
     app = create_app(service_model, tmp_path_factory.mktemp("fuzz-log"), KEY, max_upload_bytes=200_000,
                      max_pixels=6000)
     return schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -186,6 +186,8 @@ class MicroBatcher:
             self._score(batch)
 
     def _score(self, batch: list[tuple[Any, Future]]) -> None:
+        if not batch:  # nothing was taken (e.g. woken by close)
+            return
         t0 = time.perf_counter()
         try:
             scores, maps = self._run([item for item, _ in batch])
