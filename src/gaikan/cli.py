@@ -266,23 +266,34 @@ def predict(
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     workers: int = typer.Option(0, "--workers", help=WORKERS_HELP),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the per-image figures (faster)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read the files in sub-folders of the "
+                                   "input folders (at any depth)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing results directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """OK/NG verdict, score and heat-map figure for each image; unreadable files are listed, not fatal."""
+    """OK/NG verdict, score and heat-map figure for each image. Every file found gets a row in results.csv:
+    unreadable ones (corrupt, too small, too large, ...) and skipped ones (unsupported type) with the reason."""
     from gaikan import pipeline
     from gaikan.engine import get_engine
 
     _set_quiet(quiet)
+    notes: list[str] = []
     with get_engine(engine, address=address, workers=workers) as runner:
         preds = pipeline.predict_with_engine(model, inputs, out, engine=runner, runtime=runtime, threads=threads,
-                                             force=force, figures=not no_figures)
+                                             force=force, figures=not no_figures, recursive=recursive, notes=notes)
+    for note in notes:
+        typer.echo(note, err=True)
     n_ng = sum(p.verdict == "NG" for p in preds)
+    n_ok = sum(p.verdict == "OK" for p in preds)
     bad = [p for p in preds if p.verdict == pipeline.UNREADABLE]
-    typer.echo(f"{len(preds) - len(bad)} images scored: {n_ng} NG, {len(preds) - len(bad) - n_ng} OK"
-               f"{f', {len(bad)} unreadable' if bad else ''}; results in {out / pipeline.RESULTS_CSV}")
+    skipped = [p for p in preds if p.verdict == pipeline.SKIPPED]
+    extra = "".join(f", {n} {what}" for n, what in ((len(bad), "unreadable"), (len(skipped), "skipped")) if n)
+    typer.echo(f"{len(preds)} files: {n_ok + n_ng} images scored ({n_ng} NG, {n_ok} OK){extra}; "
+               f"results in {out / pipeline.RESULTS_CSV}")
     for p in bad:
         typer.echo(f"unreadable: {p.error}", err=True)
+    for p in skipped:
+        typer.echo(f"skipped: {p.error}", err=True)
 
 
 @app.command()
@@ -466,29 +477,59 @@ def demo(
 @app.command()
 @user_errors
 def serve(
-    model: Path = typer.Option(..., "--model", help="Model directory written by `gaikan fit` (loaded once)."),
+    model: List[str] = typer.Option(..., "--model",
+                                    help="Model directory written by `gaikan fit`, or NAME=DIR, repeated for "
+                                         "several models (routes /v1/models/NAME/inspect). Each is loaded once."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     data_dir: Path = typer.Option(Path("gaikan-service"), "--data-dir",
                                   help="Where the SQLite inspection log and the stored images live (kept "
                                        "across restarts)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
-                                          help="Key clients send in the X-API-Key header (required unless "
-                                               "--no-auth)."),
+    db: Optional[str] = typer.Option(None, "--db", envvar="GAIKAN_DB", show_envvar=True,
+                                     help="The inspection log's database instead of DATA_DIR/inspections.sqlite3: "
+                                          "postgresql://USER@HOST:PORT/DB (shared by several replicas; give them "
+                                          "one shared --data-dir for the images) or sqlite:///PATH."),
+    api_key: Optional[List[str]] = typer.Option(None, "--api-key", envvar="GAIKAN_API_KEY", show_envvar=True,
+                                                help="Key clients send in the X-API-Key header (required unless "
+                                                     "--no-auth); NAME=KEY names it (reviews record the name), "
+                                                     "repeat for several."),
     no_auth: bool = typer.Option(False, "--no-auth", help="No API key (only allowed on a loopback --host)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MiB (larger: 413)."),
     max_pixels: int = typer.Option(40_000_000, help="Largest accepted image, width x height (larger: 413)."),
+    runtime: str = typer.Option("auto", "--runtime",
+                                help="auto: onnxruntime where the model exports, torch otherwise; onnx; torch."),
+    workers: int = typer.Option(0, "--workers", help="Scoring threads per model (0: one per core; torch: 1)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests scored together in one batch."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms",
+                                      help="How long a worker waits for a batch to fill while more requests "
+                                           "are arriving (a lone request never waits)."),
+    figures: str = typer.Option("lazy", "--figures",
+                                help="lazy: draw thumb/heat map/overlay on their first request; ng: keep heat "
+                                     "maps only for NG parts; eager: draw all for every upload."),
+    drift_window: int = typer.Option(200, "--drift-window", help="Inspections in the drift test's window."),
+    drift_level: float = typer.Option(1e-4, "--drift-level", help="Test level that raises the drift flag."),
+    drift_ng_rate: Optional[float] = typer.Option(None, "--drift-ng-rate",
+                                                  help="The line's usual NG rate: also flag an NG rate "
+                                                       "significantly above it (off when not given)."),
 ):
-    """Serve the model over HTTP: POST /v1/inspect, the inspection log, and a web page at /."""
+    """Serve the model(s) over HTTP: POST /v1/inspect, the inspection log, /metrics, and a web page at /."""
     import uvicorn
 
     from gaikan.service.app import check_auth_settings, create_app
+    from gaikan.service.models import parse_model_specs
 
     check_auth_settings(api_key, no_auth, host)
-    web = create_app(model, data_dir, api_key, no_auth=no_auth, host=host,
-                     max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
-    typer.echo(f"gaikan serve: model {web.state.service.model_id} on http://{host}:{port}/ "
-               f"(log in {data_dir})", err=True)
+    models = parse_model_specs(model)
+    drift = {"window": drift_window, "min_count": min(50, drift_window), "level": drift_level,
+             "expected_ng_rate": drift_ng_rate}
+    web = create_app(models if len(models) > 1 or "default" not in models else models["default"], data_dir,
+                     api_key, no_auth=no_auth, host=host, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     max_pixels=max_pixels, runtime=runtime, workers=workers, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms, figures=figures, drift=drift, db=db)
+    for served in web.state.service.registry.all():
+        typer.echo(f"gaikan serve: model {served.name} = {served.model_id} (version {served.model_version}; "
+                   f"{served.runtime_note})", err=True)
+    typer.echo(f"gaikan serve: http://{host}:{port}/ (log in {web.state.service.store.log.location})", err=True)
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 

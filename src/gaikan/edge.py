@@ -7,7 +7,7 @@ only (no torch).
     scorer.verdicts(scores)                            # ["OK", "NG"]: NG iff score > threshold
     EdgeScorer("model.onnx", runtime="openvino")       # the same file through OpenVINO
 
-    python -m gaikan.edge [--runtime onnx|openvino] model.onnx IMAGES...   # path,score,verdict per image
+    python -m gaikan.edge [--runtime onnx|openvino] model.onnx [--recursive] INPUTS...   # path,score,verdict per file
 
 Runtimes (one small interface, ``run(batch) -> (scores, maps)`` plus the file's metadata): "onnx" =
 onnxruntime (CPU provider, ORT_ENABLE_ALL), "openvino" = OpenVINO's CPU plugin (f32 inference
@@ -16,8 +16,10 @@ precision). The default is onnxruntime when it is installed, else OpenVINO.
 Images are read and prepared exactly as the torch path does (``gaikan.data.images.read_image``, then
 ``to_float01``, alpha dropped, Pillow bilinear resize per channel in mode "F" to the working size,
 gray replicated to RGB: ``gaikan.data.images.prepare_image``, shared with the torch path), then fed to the graph as
-float32 (N, 3, H, W) in [0, 1]. This module imports only numpy, Pillow, the runtime and the
-torch-free parts of gaikan (``gaikan.errors``, ``gaikan.data.images``); a test keeps it that way.
+float32 (N, 3, H, W) in [0, 1]. Folders and per-file errors follow ``gaikan.data.inputs`` (the rules
+of ``gaikan predict``: every file found gets a row; a bad file never stops the batch). This module
+imports only numpy, Pillow, the runtime and the torch-free parts of gaikan (``gaikan.errors``,
+``gaikan.data.images``, ``gaikan.data.inputs``); a test keeps it that way.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from gaikan.data.images import prepare_image, read_image
+from gaikan.data.images import image_problem, prepare_image
+from gaikan.data.inputs import SCORED, SKIPPED, read_input, scan_inputs, score_files
 from gaikan.errors import GaikanError, ModelFormatError, SettingsError
 
 FORMAT_NAME = "gaikan-onnx"  # = gaikan.export.onnx_export.FORMAT_NAME (not imported: that module needs torch)
@@ -38,12 +41,9 @@ READS_FORMAT_VERSIONS = (1,)
 
 
 def _check_image(img, i: int) -> np.ndarray:
-    if not isinstance(img, np.ndarray):
-        raise SettingsError(f"image {i} is a {type(img).__name__}, expected a numpy array or a path")
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-        raise SettingsError(f"image {i} has shape {img.shape}, expected (H, W) or (H, W, 1|3|4)")
-    if img.shape[0] < 8 or img.shape[1] < 8:
-        raise SettingsError(f"image {i} is {img.shape[0]}x{img.shape[1]} pixels, too small (min 8x8)")
+    problem = image_problem(img)
+    if problem is not None:
+        raise SettingsError(f"image {i} {problem}")
     return img
 
 
@@ -184,7 +184,7 @@ class EdgeScorer:
         out = np.empty((len(images), 3, *self.input_size), dtype=np.float32)
         for i, img in enumerate(images):
             if isinstance(img, (str, os.PathLike)):
-                img = read_image(img)
+                img = read_input(img)
             out[i] = prepare_image(_check_image(img, i), self.input_size)
         return out
 
@@ -218,36 +218,55 @@ class EdgeScorer:
         return (1.0 + greater_equal) / (len(cal) + 1.0)
 
 
+USAGE = ("usage: python -m gaikan.edge [--runtime onnx|openvino] MODEL.onnx [--recursive] INPUT [INPUT ...]\n"
+         "INPUT: image files and/or folders of images (--recursive: their sub-folders too).\n"
+         "prints path,score,verdict, one row for every file found: OK / NG (NG iff score > the model's\n"
+         "threshold), UNREADABLE or SKIPPED (the reason on stderr)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gaikan.edge model.onnx IMAGES...``: one line path,score,verdict per image; an
-    unreadable image gives path,,UNREADABLE on stdout and its error on stderr (exit code 1)."""
+    """``python -m gaikan.edge model.onnx [--recursive] INPUTS...``: one CSV row path,score,verdict for
+    every file found (the accounting rules of ``gaikan.data.inputs``, as in ``gaikan predict``): OK /
+    NG for a scored image, ``path,,UNREADABLE`` (its error on stderr, exit code 1) or ``path,,SKIPPED``
+    (e.g. an unsupported file type; the reason on stderr, exit code unchanged). Notes (sub-folders not
+    searched) go to stderr. Exit code 2 when the model cannot be loaded or no file is found."""
+    import csv
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        return 0
     runtime = None
     if argv and argv[0].startswith("--runtime"):
         if "=" in argv[0]:
             runtime, argv = argv[0].split("=", 1)[1], argv[1:]
         elif len(argv) > 1:
             runtime, argv = argv[1], argv[2:]
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m gaikan.edge [--runtime onnx|openvino] MODEL.onnx IMAGE [IMAGE ...]\n"
-              "prints path,score,verdict (NG iff score > the model's threshold)", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    recursive = any(a in ("-r", "--recursive") for a in argv)
+    argv = [a for a in argv if a not in ("-r", "--recursive")]
+    if len(argv) < 2:
+        print(USAGE, file=sys.stderr)
+        return 2
     try:
         scorer = EdgeScorer(argv[0], runtime=runtime)
+        scan = scan_inputs(argv[1:], recursive=recursive)
     except GaikanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in scan.notes:
+        print(note, file=sys.stderr)
     status = 0
-    print("path,score,verdict")
-    for path in argv[1:]:
-        try:
-            scores, _ = scorer.score([path])
-        except GaikanError as exc:
-            print(f"{path},,UNREADABLE")
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["path", "score", "verdict"])
+    for out in score_files(scan.rows, scorer.score, batch_size=scorer.batch_size):
+        if out.status == SCORED:
+            writer.writerow([out.path, f"{out.score:.6g}", scorer.verdicts([out.score])[0]])
             continue
-        print(f"{path},{float(scores[0]):.6g},{scorer.verdicts(scores)[0]}")
+        writer.writerow([out.path, "", out.status])
+        print(f"{'skipped' if out.status == SKIPPED else 'error'}: {out.reason}", file=sys.stderr)
+        if out.status != SKIPPED:
+            status = 1
+        sys.stdout.flush()
     return status
 
 

@@ -15,16 +15,16 @@ from typing import Sequence
 import numpy as np
 
 from gaikan.data.datasets import DataSplit, ImageSet, load_data
-from gaikan.data.images import list_images, read_image
+from gaikan.data.inputs import SCORED, SKIPPED, UNREADABLE, scan_inputs, score_files
 from gaikan.detectors.base import Detector, get_detector_class
-from gaikan.errors import DataError, GaikanError, ImageReadError
+from gaikan.errors import DataError, GaikanError
 from gaikan.evaluation.metrics import Evaluation, evaluate_scores, spearman
 from gaikan.io.model_io import prepare_output_dir, save_detector
 from gaikan.progress import batches, track
 
 RESULTS_CSV = "results.csv"
 NG_LIST = "ng_list.txt"
-UNREADABLE = "UNREADABLE"
+# UNREADABLE and SKIPPED (imported above from gaikan.data.inputs) are the verdicts of files not scored
 
 
 def set_threads(threads: int) -> None:
@@ -299,7 +299,7 @@ def write_html_report_for(run: EvaluationRun, detector: Detector, test: ImageSet
 class Prediction:
     path: str
     score: float | None
-    verdict: str  # "OK", "NG" or "UNREADABLE"
+    verdict: str  # "OK", "NG", "UNREADABLE" or "SKIPPED" (error then holds the reason)
     threshold: float
     error: str = ""
     figure: str = ""
@@ -364,62 +364,81 @@ def onnx_scorer_from_bytes(data: bytes, *, threads: int = 0):
         return OnnxDetector(Path(tmp) / "model.onnx", threads=threads)
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files and folders (their images, not recursive) -> image paths; a missing path is an error."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise DataError(f"{p} contains no images")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise DataError(f"{p} does not exist")
-    if not paths:
-        raise DataError("no input images were given")
-    return paths
+def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> list[Path]:
+    """Files and folders -> the image paths to read (``gaikan.data.inputs.scan_inputs``'s PENDING rows);
+    a batch job that must account for every file found uses ``scan_inputs`` itself."""
+    return [Path(r.path) for r in scan_inputs(inputs, recursive=recursive).pending()]
 
 
 def predict_files(detector: Detector, inputs: Sequence[str | Path], out_dir: Path, *, force: bool = False,
-                  figures: bool = True, batch_size: int = 16) -> list[Prediction]:
+                  figures: bool = True, batch_size: int = 16, recursive: bool = False,
+                  notes: list[str] | None = None) -> list[Prediction]:
     """Score image files with a loaded detector in this process; write results.csv, ng_list.txt and
-    one figure per image into ``out_dir``.
+    one figure per image into ``out_dir``. The same job as :func:`predict_with_engine` (same rows),
+    scored here instead of on an engine."""
 
-    Unreadable files are listed with verdict UNREADABLE and their error; the rest are still scored.
-    (``predict_with_engine`` is the same job on an engine: local or Ray.)
-    """
-    paths = expand_inputs(inputs)
-    fig_dir = start_results_dir(out_dir, force=force)
-    names = figure_names(paths)
-    predictions: list[Prediction] = []
-    for sl in track(batches(len(paths), batch_size), "predict", total=None):
-        predictions += score_paths(detector, paths[sl], names[sl], fig_dir, figures=figures)
-    return finish_predictions(predictions, paths, out_dir)
+    def score(paths, names, fig_dir):
+        predictions: list[Prediction] = []
+        for sl in track(batches(len(paths), batch_size), "predict", total=None):
+            predictions += score_paths(detector, paths[sl], names[sl], fig_dir, figures=figures)
+        return predictions
+
+    return _predict(inputs, out_dir, score, force=force, recursive=recursive, notes=notes,
+                    threshold=float(detector.threshold))
 
 
 def predict_with_engine(model: str | Path, inputs: Sequence[str | Path], out_dir: Path, *, engine,
                         runtime: str | None = None, threads: int = 0, force: bool = False, figures: bool = True,
-                        batch_size: int = 16) -> list[Prediction]:
+                        batch_size: int = 16, recursive: bool = False,
+                        notes: list[str] | None = None) -> list[Prediction]:
     """``gaikan predict``: the same results.csv, ng_list.txt and figures whichever engine scores
     (gaikan.engine: ``local`` in this process, ``ray`` on an actor pool). ``model`` is a model
     directory (or an .onnx file with runtime "onnx"); the engine loads it where it scores."""
-    paths = expand_inputs(inputs)
-    fig_dir = start_results_dir(out_dir, force=force)
-    predictions = engine.predict(model, paths, figure_names(paths), fig_dir, runtime=runtime, threads=threads,
-                                 figures=figures, batch_size=batch_size)
-    return finish_predictions(predictions, paths, out_dir)
+
+    def score(paths, names, fig_dir):
+        return engine.predict(model, paths, names, fig_dir, runtime=runtime, threads=threads, figures=figures,
+                              batch_size=batch_size)
+
+    return _predict(inputs, out_dir, score, force=force, recursive=recursive, notes=notes)
 
 
-def start_results_dir(out_dir: Path, *, force: bool) -> Path:
-    """Refuse a non-empty results directory (unless force); create it and its figures/ folder."""
+def _predict(inputs, out_dir: Path, score, *, force: bool, recursive: bool, notes: list[str] | None,
+             threshold: float | None = None) -> list[Prediction]:
+    """The one predict path: every file found gets a row (``gaikan.data.inputs``: scanning, reading,
+    per-file errors): verdict OK / NG for a scored image, UNREADABLE (the error names the file and the
+    problem: corrupt, truncated, too small, too large, ...) or SKIPPED (e.g. an unsupported file type),
+    in input order; one bad file never stops the batch. ``recursive`` searches sub-folders; the
+    one-line notes (e.g. sub-folders not searched) are appended to ``notes``. ``out_dir`` is written
+    atomically: on a failure (a full disk) it is left as it was and a GaikanError says so.
+    ``score(paths, figure names, fig_dir)`` scores the readable candidates (:func:`score_paths` on
+    some engine) and returns one Prediction per path."""
+    from gaikan.io.atomic import atomic_dir, check_output_dir
+
     out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, overwrite=force, what="results directory")
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    return fig_dir
+    check_output_dir(out_dir, overwrite=force, what="results directory")
+    scan = scan_inputs(inputs, recursive=recursive)
+    if notes is not None:
+        notes.extend(scan.notes)
+    pending = [Path(r.path) for r in scan.pending()]
+    with atomic_dir(out_dir, overwrite=force, what="results directory") as tmp:
+        fig_dir = tmp / "figures"
+        fig_dir.mkdir()
+        scored = score(pending, figure_names(pending), fig_dir) if pending else []
+        by_path = {p.path: p for p in scored}
+        if len(scored) != len(pending) or set(by_path) != {str(p) for p in pending}:
+            raise GaikanError(f"internal error: {len(pending)} files to score but {len(scored)} results")
+        predictions = []
+        for row in scan.rows:
+            if row.status == SKIPPED or row.status == UNREADABLE:
+                predictions.append(Prediction(row.path, None, row.status, float("nan"), error=row.reason))
+            else:
+                predictions.append(by_path[str(Path(row.path))])
+        threshold = next((p.threshold for p in scored), threshold)
+        for p in predictions:  # rows never scored carry the model's threshold like the others
+            if p.score is None and threshold is not None:
+                p.threshold = threshold
+        write_predictions(predictions, tmp)
+    return predictions
 
 
 def figure_names(paths: Sequence[Path]) -> list[str]:
@@ -431,47 +450,39 @@ def figure_names(paths: Sequence[Path]) -> list[str]:
 
 def score_paths(detector, paths: Sequence[Path], names: Sequence[str], fig_dir: Path | None, *,
                 figures: bool = True) -> list[Prediction]:
-    """Read, score and (optionally) draw one batch of files: one Prediction per path, UNREADABLE with
-    the read error for a file that cannot be decoded. The unit of work of every engine."""
+    """Read, score and (optionally) draw one batch of files: one Prediction per path, in order;
+    UNREADABLE with the error for a file that cannot be read or scored (gaikan.data.inputs.score_files:
+    a failing batch is rescored image by image). The unit of work of every engine."""
+    from gaikan.data.inputs import InputRow
     from gaikan.evaluation.plots import plot_inspection
 
     threshold = detector.threshold
+
+    def score_fn(images):
+        result = detector.score(images)
+        return result.scores, result.maps
+
+    outcomes = list(score_files([InputRow(str(p)) for p in paths], score_fn, batch_size=max(1, len(paths))))
+    scored = [o.score for o in outcomes if o.status == SCORED]
+    p_values = detector.p_values(np.asarray(scored, dtype=np.float64)) if scored else None
     predictions: list[Prediction] = []
-    readable, images, kept_names = [], [], []
-    for path, name in zip(paths, names):
-        try:
-            images.append(read_image(path))
-            readable.append(Path(path))
-            kept_names.append(name)
-        except ImageReadError as exc:
-            predictions.append(Prediction(str(path), None, UNREADABLE, threshold, error=str(exc)))
-    if not images:
-        return predictions
-    result = detector.score(images)
-    p_values = detector.p_values(result.scores)
-    for i, (path, image, name) in enumerate(zip(readable, images, kept_names)):
-        score = float(result.scores[i])
-        verdict = "NG" if score > threshold else "OK"
-        pred = Prediction(str(path), score, verdict, threshold,
-                          p_value=None if p_values is None else float(p_values[i]))
+    k = 0
+    for out, name in zip(outcomes, names):
+        if out.status != SCORED:
+            predictions.append(Prediction(out.path, None, out.status, threshold, error=out.reason))
+            continue
+        verdict = "NG" if out.score > threshold else "OK"
+        pred = Prediction(out.path, out.score, verdict, threshold,
+                          p_value=None if p_values is None else float(p_values[k]))
+        k += 1
         if figures and fig_dir is not None:
-            amap = None if result.maps is None else result.maps[i]
+            amap = out.map
             hi = max(2.0 * threshold, float(amap.max())) if amap is not None else None
-            plot_inspection(image, amap, Path(fig_dir) / f"{name}.png", threshold=threshold, score=score,
-                            verdict=verdict, title=path.name,
+            plot_inspection(out.image, amap, Path(fig_dir) / f"{name}.png", threshold=threshold, score=out.score,
+                            verdict=verdict, title=Path(out.path).name,
                             map_range=None if amap is None else (float(amap.min()), hi))
             pred.figure = f"figures/{name}.png"
         predictions.append(pred)
-    return predictions
-
-
-def finish_predictions(predictions: list[Prediction], paths: Sequence[Path], out_dir: Path) -> list[Prediction]:
-    """Put the predictions in input order, check that every input file has exactly one, write them."""
-    order = {str(p): i for i, p in enumerate(paths)}
-    predictions = sorted(predictions, key=lambda p: order[p.path])
-    if len(predictions) != len(paths) or len({p.path for p in predictions}) != len(set(order)):
-        raise GaikanError(f"internal error: {len(paths)} input files but {len(predictions)} results")
-    write_predictions(predictions, Path(out_dir))
     return predictions
 
 

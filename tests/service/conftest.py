@@ -43,3 +43,26 @@ def uploads(service_split):
     test = service_split.test
     return {"good": [png(img) for img, y in zip(test.images, test.labels) if y == 0],
             "defect": [png(img) for img, y in zip(test.images, test.labels) if y == 1]}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian package binaries) in a temp dir for the session; skipped with
+    the reason when the binaries or psycopg are absent (`make test` installs both)."""
+    from gaikan.service.pgtemp import TempPostgres, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with TempPostgres(settings={"fsync": "off"}) as pg:  # throwaway server: no need to sync its files
+        yield pg
+
+
+@pytest.fixture
+def pg_url(postgres, request):
+    """A fresh, empty database on the session's server (one per test)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    return postgres.create_database(name)

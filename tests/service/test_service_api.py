@@ -222,16 +222,28 @@ def test_cli_serve_refuses_no_auth_on_a_public_host(service_model, tmp_path):
 
 
 def test_event_loop_stays_free_while_the_detector_is_busy(client, uploads):
-    lock = client.app.state.service._score_lock
+    served = client.app.state.service.registry.get("default")
+    gate = threading.Event()
+    run = served.batcher._run
+
+    def blocked_run(items):  # the scoring workers are "busy" until the gate opens
+        gate.wait(30)
+        return run(items)
+
+    served.batcher._run = blocked_run
     done = {}
-    with lock:  # the detector is "busy": an inspection must wait, /healthz and reads must not
+    try:  # an inspection must wait, /healthz, /metrics and reads must not
         t = threading.Thread(target=lambda: done.setdefault("r", inspect(client, uploads["defect"][0])))
         t.start()
         time.sleep(0.3)
         start = time.perf_counter()
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/inspections", headers=H).status_code == 200
+        assert client.get("/metrics").status_code == 200
         assert time.perf_counter() - start < 2.0
         assert "r" not in done
-    t.join(timeout=30)
+    finally:
+        gate.set()
+        t.join(timeout=30)
+        served.batcher._run = run
     assert done["r"].status_code == 200 and done["r"].json()["verdict"] == "NG"

@@ -1,6 +1,8 @@
 """`gaikan serve` as a real process: requests from several clients, SIGKILL in the middle of the
-traffic, and every inspection a client got an answer for must be in the SQLite log afterwards."""
+traffic, and every inspection a client got an answer for must be in the SQLite log afterwards, with
+no half rows (integrity check, every row complete, every picture it names on disk with its hash)."""
 
+import hashlib
 import os
 import signal
 import socket
@@ -93,6 +95,13 @@ def test_sigkill_loses_no_acknowledged_inspection(service_model, uploads, tmp_pa
     assert not missing, f"{len(missing)} acknowledged inspections are not in the log: {missing[:5]}"
     assert len(rows) >= len(acked)  # at most the in-flight ones were logged without an answer
     assert len({a[0] for a in acked}) == len(acked)
+    # no half rows: the file is consistent, every row is complete and its pictures are on disk, whole
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for sha_image, ext, *shas in db.execute("SELECT image_sha256, image_ext, thumb_sha256, heatmap_sha256, "
+                                            "overlay_sha256 FROM inspections"):
+        for sha, suffix in [(sha_image, ext)] + [(s, ".png") for s in shas if s is not None]:
+            blob = data_dir / "blobs" / sha[:2] / f"{sha}{suffix}"
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha, blob
     db.close()
 
     # and the service comes back on the same log

@@ -21,7 +21,12 @@ file                                        array
 ==========================================  =====================================================
 
 EXIF orientation is applied. 16-bit *colour* files are decoded by Pillow to 8 bits per channel.
-Multi-frame files (TIFF stacks) give their first frame.
+Multi-frame files (TIFF stacks, animated GIF, WebP and PNG) give their first frame. GIF and WebP are
+read like any other format (a GIF is a palette image, see ``P`` above).
+
+What a detector can score: :func:`image_problem` says what is wrong with an array (shape, dtype,
+smaller than :data:`MIN_IMAGE_SIDE` on a side, NaN/inf, floats outside [0, 1]) or returns None; the
+detectors, ``gaikan.edge`` and the per-file accounting of ``gaikan.data.inputs`` all use it.
 
 Conventions of the conversion helpers: float images are float32 in [0, 1]; ``(height, width)`` is
 the order of every size argument (numpy's order, not Pillow's).
@@ -49,10 +54,15 @@ __all__ = [
     "resize",
     "resize_mask",
     "list_images",
+    "MIN_IMAGE_SIDE",
+    "image_problem",
 ]
 
 #: File suffixes (lower case) that :func:`list_images` picks up.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+#: The smallest height and width a detector scores (its backbone needs at least this much context).
+MIN_IMAGE_SIDE = 8
 
 #: Default decompression-bomb guard of :func:`read_image` (width x height).
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -83,7 +93,10 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     naming the file, for a missing file, a file that is not an image, a truncated or corrupt file
     (the pixel data are decoded here, not lazily) and an image larger than ``max_pixels`` pixels.
     Truncated files are refused as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its
-    default ``False`` (this module never changes it).
+    default ``False`` (this module never changes it). Memory: the pixel buffer is allocated only
+    after the header's size passed ``max_pixels``, so a file never costs more than about
+    ``max_pixels`` x 16 bytes whatever size it declares; a MemoryError is passed on as such (it is
+    not the file's fault).
     """
     path_str = os.fspath(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # pragma: no cover - someone else changed the global
@@ -103,8 +116,12 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise _fail(path_str, "it is a directory") from None
     except PermissionError:
         raise _fail(path_str, "permission denied") from None
+    except MemoryError:  # not the file's fault: the caller decides (gaikan.data.inputs makes it a row)
+        raise
     except UnidentifiedImageError:
-        raise _fail(path_str, "not a recognised image file (PNG, JPEG, BMP, TIFF, ...)") from None
+        empty = os.path.isfile(path_str) and os.path.getsize(path_str) == 0
+        raise _fail(path_str, "empty file (0 bytes)" if empty else
+                    "not a recognised image file (PNG, JPEG, BMP, TIFF, GIF, WebP, ...)") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's problem
         raise _fail(path_str, exc) from None
 
@@ -120,7 +137,7 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_array(img, path_str)
-        except ImageReadError:
+        except (ImageReadError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
@@ -224,6 +241,30 @@ def to_float01(img: np.ndarray) -> np.ndarray:
     raise DataError(
         f"unsupported image dtype {img.dtype}; expected uint8, uint16, bool or float in [0, 1]"
     )
+
+
+def image_problem(img) -> str | None:
+    """What makes ``img`` unscorable, as the end of a sentence ("has shape (2, 3, 5), expected ..."),
+    or None for a good image: a numpy array (H, W) or (H, W, 1|3|4) of uint8, uint16, bool or float
+    with finite values in [0, 1] (a tolerance of 1e-3, as for float files), at least
+    :data:`MIN_IMAGE_SIDE` pixels on each side."""
+    if not isinstance(img, np.ndarray):
+        return f"is a {type(img).__name__}, expected a numpy array"
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        return f"has shape {img.shape}, expected (H, W) or (H, W, 1|3|4)"
+    if img.shape[0] < MIN_IMAGE_SIDE or img.shape[1] < MIN_IMAGE_SIDE:
+        return (f"is {img.shape[0]}x{img.shape[1]} pixels (height x width), too small "
+                f"(min {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+    if img.dtype in (np.uint8, np.uint16, np.bool_):
+        return None
+    if not np.issubdtype(img.dtype, np.floating):
+        return f"has dtype {img.dtype}, expected uint8, uint16, bool or float in [0, 1]"
+    if not np.isfinite(img).all():
+        return "contains NaN or infinite values"
+    low, high = float(img.min()), float(img.max())
+    if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+        return f"has float values in [{low:g}, {high:g}], expected [0, 1]"
+    return None
 
 
 def _check_image_shape(img: np.ndarray) -> None:

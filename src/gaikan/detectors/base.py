@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from gaikan.data.images import image_problem
 from gaikan.errors import NotFittedError, SettingsError
 
 _REGISTRY: dict[str, type["Detector"]] = {}
@@ -297,19 +298,17 @@ def _common_shape(images: Sequence[np.ndarray]) -> list[int] | None:
 
 
 def check_images(images) -> list[np.ndarray]:
-    """Accept a sequence of (H, W) or (H, W, C) arrays; refuse anything else with a message."""
+    """Accept a sequence of (H, W) or (H, W, C) arrays; refuse anything else with a message
+    (the rules are ``gaikan.data.images.image_problem``'s: shape, dtype, size, finite values in [0, 1])."""
     if isinstance(images, np.ndarray) and images.ndim in (3, 4) and images.dtype != object:
         images = list(images)
     images = list(images)
     if not images:
         raise SettingsError("no images were given")
     for i, img in enumerate(images):
-        if not isinstance(img, np.ndarray):
-            raise SettingsError(f"image {i} is a {type(img).__name__}, expected a numpy array")
-        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-            raise SettingsError(f"image {i} has shape {img.shape}, expected (H, W) or (H, W, 1|3|4)")
-        if img.shape[0] < 8 or img.shape[1] < 8:
-            raise SettingsError(f"image {i} is {img.shape[0]}x{img.shape[1]} pixels, too small (min 8x8)")
+        problem = image_problem(img)
+        if problem is not None:
+            raise SettingsError(f"image {i} {problem}")
     return images
 
 

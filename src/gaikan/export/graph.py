@@ -131,6 +131,13 @@ def save_atomic(model, out: Path) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a model file is an ordinary file
         onnx.save_model(model, tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk: clear error, the previous file (if any) untouched
+        from gaikan.errors import GaikanError
+        from gaikan.io.atomic import describe_os_error
+
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous file is unchanged" if out.exists() else "nothing was written"
+        raise GaikanError(f"cannot write the ONNX model {out}: {describe_os_error(exc)}; {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

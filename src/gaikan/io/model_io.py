@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,11 +46,13 @@ def prepare_output_dir(path: Path, *, overwrite: bool, what: str = "output direc
 
 
 def save_detector(detector, path, *, overwrite: bool = False) -> Path:
-    """Write a fitted detector to the directory ``path`` (atomically: a temporary sibling, then a rename)."""
+    """Write a fitted detector to the directory ``path`` atomically (``gaikan.io.atomic.atomic_dir``:
+    a temporary sibling, then a rename), so a failed save (a full disk) leaves the previous model at
+    ``path`` intact and raises a GaikanError that says so."""
+    from gaikan.io.atomic import atomic_dir
+
     detector._check_fitted()
     path = Path(path)
-    prepare_output_dir(path, overwrite=overwrite, what="model directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in detector._state().items()}
     if getattr(detector, "calibration_scores_", None) is not None:
         arrays[_BASE_PREFIX + "calibration_scores"] = np.asarray(detector.calibration_scores_, dtype=np.float32)
@@ -61,8 +61,7 @@ def save_detector(detector, path, *, overwrite: bool = False) -> Path:
     for key, value in arrays.items():
         if value.dtype == object:
             raise GaikanError(f"internal error: state {key!r} is not a plain numeric array")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite, what="model directory") as tmp:
         np.savez(tmp / TENSORS, **arrays)
         thresholds = detector.thresholds
         manifest = {
@@ -79,17 +78,12 @@ def save_detector(detector, path, *, overwrite: bool = False) -> Path:
             "tensors": {"file": TENSORS, "sha256": sha256_file(tmp / TENSORS),
                         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(backup)
-            tmp.rename(path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with open(tmp / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / TENSORS, "rb+") as f:
+            os.fsync(f.fileno())
     return path
 
 

@@ -103,3 +103,18 @@ def inspection_pictures(image: np.ndarray, amap: np.ndarray | None, threshold: f
         out["heatmap"] = png_bytes(heat)
         out["overlay"] = png_bytes(overlay_rgb(rgb, heat, weight))
     return out
+
+
+def map_npy_bytes(amap: np.ndarray) -> bytes:
+    """An anomaly map as .npy bytes (float16: half the size, ~3 significant digits, enough to draw it)."""
+    buf = io.BytesIO()
+    np.save(buf, np.clip(np.asarray(amap, dtype=np.float32), -65504, 65504).astype(np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_map_npy(data: bytes) -> np.ndarray:
+    """The map stored by :func:`map_npy_bytes`, as float32 (H, W); never unpickles."""
+    amap = np.load(io.BytesIO(data), allow_pickle=False)
+    if amap.ndim != 2 or amap.dtype != np.float16:
+        raise ValueError(f"stored anomaly map has shape {amap.shape} and dtype {amap.dtype}, expected 2-D float16")
+    return amap.astype(np.float32)
