@@ -59,6 +59,7 @@ def test_tiling_finds_a_20_pixel_defect_in_a_3872x3200_image_that_plain_resizing
     cy, cx = 1700, 2500
     yy, xx = np.ogrid[:h, :w]
     defective[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10 ** 2] -= 0.35  # a dark spot 20 pixels across
+    np.clip(defective, 0.0, 1.0, out=defective)  # float images are [0, 1] (values outside are refused)
 
     # tiled: learns from the tiles of two 1200 x 1200 good crops; the third good image, whole and
     # without the spot, sets the threshold (max-good), the way `fit` calibrates on held-out goods
