@@ -5,7 +5,6 @@ no half rows (integrity check, every row complete, every picture it names on dis
 import hashlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,29 +12,10 @@ import threading
 import time
 
 import httpx
+from serve_process import free_port, wait_healthy
 import pytest
 
 KEY = "kill-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gaikan serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("gaikan serve did not come up")
 
 
 def start_server(model, data_dir, port):

@@ -4,13 +4,13 @@ directory for the images) with no lost or duplicated row, each serving the other
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+from serve_process import free_port, wait_healthy
 from fastapi.testclient import TestClient
 
 from gaikan.service.app import create_app
@@ -38,26 +38,6 @@ def test_the_service_logs_the_same_rows_in_postgresql_as_in_sqlite(service_model
             rows[name] = [{k: v for k, v in i.items() if k not in VOLATILE} for i in reversed(listed["items"])]
     assert rows["sqlite"] == rows["postgresql"]  # scores, verdicts, p-values, hashes: identical
     assert [r["verdict"] for r in rows["postgresql"]] == ["OK"] * 3 + ["NG"] * 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc, timeout: float = 300.0) -> None:  # model load on a busy machine
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gaikan serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"gaikan serve at {url} did not come up in {timeout:.0f} s")
 
 
 def start_replica(model, data_dir, db, port):
@@ -94,7 +74,7 @@ def test_two_replicas_share_one_postgresql_log_without_lost_or_duplicated_rows(s
 
     try:
         for url, proc in zip(urls, procs):
-            wait_healthy(url, proc)
+            wait_healthy(url, proc, timeout=300.0)  # model load on a busy machine
         threads = [threading.Thread(target=client, args=(r, k)) for r in range(2) for k in range(3)]
         for t in threads:
             t.start()
