@@ -455,7 +455,7 @@ def main() -> None:
     loads = [_load()]
     common = [f"--{k}={v}" for k, v in (("padim", args.padim), ("patchcore", args.patchcore)) if v]
     doc = {"meta": {}, "models": {}}
-    cmd = "nice -n 15 python bench/edge_limit.py" + "".join(f" {c}" for c in common) + "".join(
+    cmd = "python bench/edge_limit.py" + "".join(f" {c}" for c in common) + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in (("latency_runs", args.latency_runs), ("batches", args.batches),
                                                     ("auroc_runtimes", args.auroc_runtimes))
         if v != parser.get_default(k))
@@ -466,8 +466,9 @@ def main() -> None:
             "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "openvino": ov_version, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": cmd, "loads": loads,
-            "load_note": f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run (2 cores "
-                         "shared with other jobs; above 2 every absolute time is inflated, the ratios much less).",
+            "load_note": f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run "
+                         f"({os.cpu_count()} cores; the benchmark's own processes load about 1-2, above that other jobs "
+                         "shared the machine: absolute times inflated, the ratios much less).",
         }
         (RESULTS / "edge_limit.json").write_text(json.dumps(doc, indent=2) + "\n")
         write_markdown(doc)
