@@ -91,6 +91,12 @@ def test_pngs(n: int) -> tuple[list[bytes], list[np.ndarray]]:
     return pngs, arrays
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values, q) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
 
@@ -255,6 +261,7 @@ def main() -> int:
 
             threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(n_clients)]
             hthread = threading.Thread(target=health, daemon=True)
+            cpu0 = (process_cpu_s(server.pid), time.process_time())
             t0 = time.perf_counter()
             hthread.start()
             for t in threads:
@@ -262,6 +269,7 @@ def main() -> int:
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
+            cpu1 = (process_cpu_s(server.pid), time.process_time())
             done.set()
             hthread.join()
             return {"clients": n_clients, "per_client": per_client, "requests": n_clients * per_client,
@@ -275,7 +283,13 @@ def main() -> int:
                     "batch_size_mean": round(float(np.mean(server_ms["batch_size"])), 2) if latencies else None,
                     "healthz_ms": {"n": len(health_ms), "p50": round(percentile(health_ms, 50), 1),
                                    "p99": round(percentile(health_ms, 99), 1)},
-                    "load_avg_1min_after": round(os.getloadavg()[0], 2)}
+                    "load_avg_1min_after": round(os.getloadavg()[0], 2),
+                    # CPU time per acknowledged request (user + system, all threads): the server process,
+                    # and this process's client threads (httpx; plus the /healthz poller)
+                    "cpu_ms_per_request": {
+                        "server": round(1000 * (cpu1[0] - cpu0[0]) / max(1, len(latencies)), 2),
+                        "clients": round(1000 * (cpu1[1] - cpu0[1]) / max(1, len(latencies)), 2)},
+                    "cpu_cores_busy": round((cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / wall, 2)}
 
         phases["single"] = run_phase("single", 1, args.single)
         phases["loaded"] = run_phase("loaded", args.clients, args.per_client)
@@ -373,6 +387,9 @@ Server-side medians per request at {args.clients} clients: decode + prepare {srv
 {srv['queue_ms']} ms, score (the batch) {srv['score_ms']} ms, store {srv['render_ms']} ms, total incl. the
 committed log row {srv['total_ms']} ms. `/healthz` while loaded: p50 {loaded['healthz_ms']['p50']} ms, p99
 {loaded['healthz_ms']['p99']} ms. Start-up (model load + ONNX export + check) {result['startup_s']} s.
+CPU per request at {args.clients} clients: server process {loaded['cpu_ms_per_request']['server']} ms, client
+threads {loaded['cpu_ms_per_request']['clients']} ms ({loaded['cpu_cores_busy']} of {os.cpu_count()} cores busy); raw onnxruntime at
+its best set-up needs {round(1000 * cores / raw_img_s, 2)} ms of CPU per image.
 
 Re-run on an idle machine: `.venv/bin/python bench/service_load.py --load-note "idle machine"`.
 """

@@ -55,13 +55,15 @@ class _OnnxRuntime:
 
     name = "onnx"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, spin: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+        if not spin:  # idle intra-op threads sleep instead of spinning (CPU shared with other work)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any load failure is the file's problem
@@ -85,7 +87,7 @@ class _OpenVino:
 
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, spin: bool = True):  # noqa: ARG002 - OpenVINO's threads wait
         try:
             import openvino as ov
         except ImportError:
@@ -143,9 +145,12 @@ class EdgeScorer:
     batch_size: images per run (memory grows with it: PatchCore's distance block is
         batch x positions x bank size floats).
     runtime: "onnx" (onnxruntime) or "openvino"; None = ``default_runtime()``.
+    spin: onnxruntime's idle intra-op threads spin (lowest latency on an otherwise idle CPU);
+        False lets them sleep, for a process whose other threads need the cores (the service).
     """
 
-    def __init__(self, path, *, threads: int = 0, batch_size: int = 1, runtime: str | None = None):
+    def __init__(self, path, *, threads: int = 0, batch_size: int = 1, runtime: str | None = None,
+                 spin: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFormatError(f"{self.path}: no such ONNX model file")
@@ -156,7 +161,7 @@ class EdgeScorer:
             raise SettingsError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.batch_size = int(batch_size)
         self.runtime = runtime
-        self.backend = _BACKENDS[runtime](self.path, int(threads))
+        self.backend = _BACKENDS[runtime](self.path, int(threads), spin=spin)
         meta = self.backend.metadata
         if meta.get("gaikan_format") != FORMAT_NAME:
             raise ModelFormatError(f"{self.path}: not a gaikan ONNX model (no gaikan_format={FORMAT_NAME!r} "

@@ -47,19 +47,32 @@ def check_contract(img) -> None:
 
 
 def read_both(path: Path) -> None:
-    """read_image and read_input: a result of the documented kind, or an ImageReadError naming the file."""
+    """read_image and read_input: a result of the documented kind, or an ImageReadError naming the file.
+    The same bytes given in memory (``data=``, the service's uploads) give the same array or error."""
+    in_memory = _outcome(lambda: read_input(path.name, data=path.read_bytes()))
     try:
         img = read_image(path)
     except GaikanError as exc:
         assert isinstance(exc, ImageReadError) and path.name in str(exc) and "\n" not in str(exc)
+        assert isinstance(in_memory, ImageReadError), in_memory
+        assert str(in_memory) == str(exc).replace(str(path), path.name)
         return
     check_contract(img)
     try:
         usable = read_input(path)
     except GaikanError as exc:
         assert path.name in str(exc) and image_problem(img) is not None
+        assert str(in_memory) == str(exc).replace(str(path), path.name)
         return
     assert image_problem(usable) is None
+    np.testing.assert_array_equal(in_memory, usable)
+
+
+def _outcome(read):
+    try:
+        return read()
+    except GaikanError as exc:
+        return exc
 
 
 @st.composite

@@ -34,6 +34,7 @@ the order of every size argument (numpy's order, not Pillow's).
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -85,8 +86,11 @@ def _fail(path, problem: str) -> ImageReadError:
     return ImageReadError(f"cannot read image {path}: {problem}")
 
 
-def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> np.ndarray:
     """Decode an image file into a numpy array (see the module docstring for the exact mapping).
+
+    ``data``: the file's bytes, already in memory (an upload): decoded from there, and ``path`` is
+    only the name used in messages.
 
     Returns uint8 (H, W) for grayscale, uint8 (H, W, 3) for colour and float32 (H, W) in [0, 1] for
     16-bit and float files. Raises :class:`~gaikan.errors.ImageReadError`, with a one-line message
@@ -107,7 +111,7 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             saved = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
             try:
-                img = Image.open(path_str)
+                img = Image.open(path_str if data is None else io.BytesIO(data))
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except FileNotFoundError:
@@ -119,7 +123,7 @@ def read_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except MemoryError:  # not the file's fault: the caller decides (gaikan.data.inputs makes it a row)
         raise
     except UnidentifiedImageError:
-        empty = os.path.isfile(path_str) and os.path.getsize(path_str) == 0
+        empty = (len(data) == 0) if data is not None else (os.path.isfile(path_str) and os.path.getsize(path_str) == 0)
         raise _fail(path_str, "empty file (0 bytes)" if empty else
                     "not a recognised image file (PNG, JPEG, BMP, TIFF, GIF, WebP, ...)") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's problem

@@ -220,9 +220,11 @@ def scan_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     return scan
 
 
-def read_input(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one file into an array a detector can score, or raise ImageReadError naming the file."""
-    image = read_image(path, max_pixels=max_pixels)
+def read_input(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> np.ndarray:
+    """Decode one file into an array a detector can score, or raise ImageReadError naming the file.
+
+    ``data``: the file's bytes when they are already in memory (``path`` then only names it)."""
+    image = read_image(path, max_pixels=max_pixels, data=data)
     problem = image_problem(image)
     if problem is not None:
         raise ImageReadError(f"cannot use image {os.fspath(path)}: it {problem}")

@@ -191,9 +191,10 @@ def load_served_model(name: str, model_dir, *, cache_dir, runtime: str = "auto",
             import onnxruntime  # noqa: F401
 
             path = _export_cached(detector, manifest, Path(cache_dir))
-            backend = OnnxBackend(path, workers=workers)
+            threads = max(1, available_cores() // workers)
+            backend = OnnxBackend(path, workers=workers, threads=threads)
             _check_onnx_agrees(detector, backend)
-            note = f"onnxruntime, {workers} workers x 1 thread ({path.name})"
+            note = f"onnxruntime, {workers} workers x {threads} thread{'s' if threads > 1 else ''} ({path.name})"
         except (GaikanError, ImportError) as exc:
             if runtime == "onnx":
                 raise GaikanError(f"model {name} ({model_dir}) cannot run in onnxruntime: {exc}") from None

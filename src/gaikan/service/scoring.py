@@ -60,10 +60,11 @@ class OnnxBackend:
 
     runtime = "onnx"
 
-    def __init__(self, onnx_path, *, workers: int):
+    def __init__(self, onnx_path, *, workers: int, threads: int = 1):
         from gaikan.edge import EdgeScorer
 
-        self.scorer = EdgeScorer(onnx_path, threads=1, batch_size=1)
+        self.threads = max(1, int(threads))
+        self.scorer = EdgeScorer(onnx_path, threads=self.threads, batch_size=1, spin=False)
         self.input_size = self.scorer.input_size
         self.workers = max(1, int(workers))
 

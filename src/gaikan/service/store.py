@@ -610,6 +610,7 @@ class InspectionStore:
         self.tmp_dir = self.data_dir / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._blob_dirs: set[Path] = set()
         self.log = open_log(db, self.data_dir)
 
     # ---- blobs ----------------------------------------------------------------------------------
@@ -629,17 +630,19 @@ class InspectionStore:
             tmp = self.tmp_dir / f"blob-{uuid.uuid4().hex}"
             with unavailable_on_errors("nothing was logged"):
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if path.parent not in self._blob_dirs:  # one mkdir per shard directory, not per blob
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        self._blob_dirs.add(path.parent)
                     with open(tmp, "wb") as f:
                         f.write(data)
-                    os.replace(tmp, path)
+                    try:
+                        os.replace(tmp, path)
+                    except FileNotFoundError:  # the shard directory was removed since: make it again
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
         return digest, ext
-
-    def temp_path(self, ext: str = ".bin") -> Path:
-        """A fresh random path in the data directory's tmp/ (the caller removes it)."""
-        return self.tmp_dir / f"upload-{uuid.uuid4().hex}{ext}"
 
     # ---- rows (the log) -------------------------------------------------------------------------
     def add(self, **fields) -> Inspection:
