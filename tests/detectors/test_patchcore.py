@@ -74,6 +74,27 @@ def test_chunked_coreset_selection_keeps_the_size_and_the_cover():
     assert _covering_radius(x, random_pick) > _covering_radius(x, chunked)
 
 
+def test_presampled_coreset_selection_keeps_the_size_and_the_cover():
+    """The default linear-cost selection (greedy on a seeded random pre-sample of S patches, still
+    f N picks): exactly round(f N) distinct indices into the full set, seeded, equal to the exact
+    selection when N <= S, and a cover of the *whole* data (not only the sample) close to the exact
+    one: within 1.5x its covering radius, and better than a random subset of the same size."""
+    rng = np.random.default_rng(12)
+    centres = rng.normal(size=(40, 24)) * 6
+    x = torch.from_numpy(centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 24))).float()
+    exact = greedy_coreset(x, 0.1, projection_dim=0, seed=2)
+    assert torch.equal(greedy_coreset(x, 0.1, projection_dim=0, seed=2, sample=4000), exact)
+    sampled = greedy_coreset(x, 0.1, projection_dim=0, seed=2, sample=1500)
+    assert len(sampled) == 400 and len(set(sampled.tolist())) == 400 and int(sampled.max()) < 4000
+    assert torch.equal(sampled, greedy_coreset(x, 0.1, projection_dim=0, seed=2, sample=1500))
+    assert not torch.equal(sampled, greedy_coreset(x, 0.1, projection_dim=0, seed=3, sample=1500))
+    assert _covering_radius(x, sampled) <= 1.5 * _covering_radius(x, exact)
+    random_pick = torch.from_numpy(rng.choice(4000, 400, replace=False))
+    assert _covering_radius(x, random_pick) > _covering_radius(x, sampled)
+    # a fraction larger than the sample can hold: every sampled patch, no more
+    assert len(greedy_coreset(x, 0.5, projection_dim=0, seed=2, sample=1500)) == 1500
+
+
 def test_chunked_nearest_distance_matches_brute_force():
     rng = np.random.default_rng(4)
     bank = rng.normal(size=(300, 16)) + 5.0  # an offset makes the norm expansion work for its precision
