@@ -202,9 +202,9 @@ def write_patch_markdown(payload: dict) -> None:
         "cells: goods, plus the defective ones for patch-metric (as negative patches) and cnn-classifier; AUROC on "
         "the `split_sup == test` rows: mono 176 + 157, poly 276 + 201). The good training cells are the same 412 "
         "(mono) / 644 (poly) in both protocols; 10% of them are held out for the max-good threshold (accuracy). "
-        f"fit s and ms/image with {payload.get('threads', '?')} torch thread(s) on the shared 2-core machine "
-        "under heavy load from other jobs (load average 15-33, several of them at a higher priority): compare "
-        "within one run only. Backbone features are cached across the variants of one type "
+        "fit s and ms/image with the torch threads and under the 1-minute load average of each row (columns "
+        "threads / load; rows without them: 1 thread, load average 15-33 from other jobs): seconds compare "
+        "within rows of equal threads and similar load only. Backbone features are cached across the variants of one type "
         "(bench/.work/features): the first variant to see an image pays its backbone pass, later ones read it.",
         "",
     ]
@@ -215,15 +215,17 @@ def write_patch_markdown(payload: dict) -> None:
                                  order.index(f"{r['protocol']} {r['label']}") if f"{r['protocol']} {r['label']}" in order else 99,
                                  r["label"]))
         lines += [f"## {data}", "",
-                  "| protocol | variant | image AUROC | accuracy | fit s | ms/image | train (defective) | test rows |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| protocol | variant | image AUROC | accuracy | fit s | ms/image | train (defective) | test rows "
+                  "| threads | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("error"):
-                lines.append(f"| {r['protocol']} | {r['label']} | failed: {r['error']} | | | | | |")
+                lines.append(f"| {r['protocol']} | {r['label']} | failed: {r['error']} | | | | | | | |")
                 continue
             lines.append(f"| {r['protocol']} | {r['label']} | {fmt(r['image_auroc'])} | {fmt(r['accuracy'], 3)} | "
                          f"{fmt(r['fit_seconds'], 1)} | {fmt(r['ms_per_image'], 1)} | "
-                         f"{r['n_train']} ({r.get('n_train_defective', 0)}) | {r['n_test']} |")
+                         f"{r['n_train']} ({r.get('n_train_defective', 0)}) | {r['n_test']} | "
+                         f"{r.get('threads', 1)} | {r.get('loadavg', '15-33')} |")
         lines.append("")
     PATCH_MD.write_text("\n".join(lines))
 
@@ -248,6 +250,7 @@ def main_patch(args) -> None:
             start = time.perf_counter()
             row = run_patch_variant(spec, protocol, label, args.latency_images)
             row["wall_seconds"] = round(time.perf_counter() - start, 1)
+            row["threads"], row["loadavg"] = args.threads, round(os.getloadavg()[0], 1)
             payload = json.loads(PATCH_JSON.read_text()) if PATCH_JSON.exists() else {"results": {}}
             payload.update(machine=machine, threads=args.threads)
             payload["results"][f"{spec} {protocol} {label}"] = row
