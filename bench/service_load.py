@@ -155,6 +155,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--name", default="service_load",
+                    help="results file name under bench/results (e.g. service_load_patchcore for --model OTHER)")
     ap.add_argument("--per-client", type=int, default=100)
     ap.add_argument("--single", type=int, default=100, help="requests of the lone client")
     ap.add_argument("--raw-batch", type=int, default=8)
@@ -347,7 +349,7 @@ def main() -> int:
         "targets": targets,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "service_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     yes = {True: "yes", False: "**no**"}
     lat, srv = loaded["latency_ms"], loaded["server_ms_median"]
     slat = single["latency_ms"]
@@ -393,7 +395,7 @@ its best set-up needs {round(1000 * cores / raw_img_s, 2)} ms of CPU per image.
 
 Re-run on an idle machine: `.venv/bin/python bench/service_load.py --load-note "idle machine"`.
 """
-    (RESULTS / "service_load.md").write_text(md)
+    (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
     return 0 if result["errors"] == 0 and one_row else 1
 
