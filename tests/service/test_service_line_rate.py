@@ -71,20 +71,34 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(service_mod
         served = service.registry.get("default")
         gate = threading.Event()
         run = served.batcher._run
-        served.batcher._run = lambda items: (gate.wait(30), run(items))[1]
+        blocked: list[int] = []  # the size of the batch the worker holds while the gate is closed
+
+        def gated(items):
+            if not gate.is_set():
+                blocked.append(len(items))
+                gate.wait(30)
+            return run(items)
+
+        served.batcher._run = gated
         answers = [None] * len(images)
         threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, service.inspect_bytes(images[i])))
                    for i in range(len(images))]
         for t in threads:
             t.start()
-        deadline = time.time() + 30  # the first request holds the (blocked) worker, the rest queue up
-        while served.queue_length() < len(images) - 1 and time.time() < deadline:
+        # the first batch (the first request, and any that came within max_wait) holds the blocked
+        # worker; every other request queues up behind it
+        deadline = time.time() + 30
+        while (not blocked or served.queue_length() < len(images) - blocked[0]) and time.time() < deadline:
             time.sleep(0.02)
         gate.set()
         for t in threads:
             t.join(30)
         served.batcher._run = run
-        assert max(a["timing"]["batch_size"] for a in answers) >= len(images) - 1
+        sizes = sorted(a["timing"]["batch_size"] for a in answers)
+        # two batches: the blocked one and all the queued requests together
+        assert len(blocked) == 1 and sizes == sorted([blocked[0]] * blocked[0] + [len(images) - blocked[0]]
+                                                     * (len(images) - blocked[0])), (blocked, sizes)
+        assert max(sizes) >= len(images) // 2
         np.testing.assert_allclose([a["score"] for a in answers], [a["score"] for a in alone], rtol=1e-5)
         assert [a["verdict"] for a in answers] == [a["verdict"] for a in alone]
         assert service.store.count() == 2 * len(images)
