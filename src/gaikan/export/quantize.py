@@ -207,8 +207,7 @@ def insert_float_barriers(model) -> int:
     nearest-neighbour distance (``||q||^2 - 2 q.m + ||m||^2``, which cancels to a small number) in
     int8 and dropped its image AUROC from 0.956 to 0.351. An elementwise maximum of two
     non-constant inputs is not one of the ops the transformations pass through, so the
-    dequantization stops there and the head stays float (AUROC 0.956, and faster: the head's
-    Gemm is no longer fed by a re-quantizing path).
+    dequantization stops there and the head stays float (AUROC 0.956 again, as in onnxruntime).
     """
     from onnx import helper
 
