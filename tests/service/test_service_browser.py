@@ -2,7 +2,7 @@
 through the browser and shows it in the grid as NG with its heat map; the detail view and the
 verdict filter work."""
 
-import socket
+import contextlib
 import threading
 import time
 
@@ -10,24 +10,19 @@ import httpx
 import pytest
 
 from gaikan.service.app import create_app
+from serve_process import free_port
 
 pytestmark = pytest.mark.browser
 KEY = "browser-key"
 HTTP_TIMEOUT = 120  # s: a loaded 2-core CI machine can take many seconds for the first inspection
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def server(service_model, tmp_path):
+@contextlib.contextmanager
+def _serving(app):
+    """The app on a free loopback port in a uvicorn thread; yields its base URL."""
     import uvicorn
 
-    app = create_app(service_model, tmp_path / "data", KEY)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -40,6 +35,12 @@ def server(service_model, tmp_path):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(service_model, tmp_path):
+    with _serving(create_app(service_model, tmp_path / "data", KEY)) as url:
+        yield url
 
 
 def _wait(driver, condition, timeout=90.0, what="condition"):
@@ -101,22 +102,8 @@ LINE_KEY = "line-key-2"
 
 @pytest.fixture
 def named_server(service_model, tmp_path):
-    import uvicorn
-
-    app = create_app(service_model, tmp_path / "data", [f"tanaka={OPERATOR_KEY}", f"line-3={LINE_KEY}"])
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with _serving(create_app(service_model, tmp_path / "data", [f"tanaka={OPERATOR_KEY}", f"line-3={LINE_KEY}"])) as url:
+        yield url
 
 
 # draws each character with the page's CJK web font only; a missing glyph would fall back to the
