@@ -2,10 +2,6 @@
 reads images, scores them with an exported model and prints verdicts; its image preparation is the
 torch path's, number for number."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,23 +11,7 @@ from gaikan.backbones.features import prepare_image as torch_prepare_image
 from gaikan.detectors.padim import PaDiM
 from gaikan.edge import main, prepare_image
 from gaikan.export.onnx_export import export_onnx
-
-# A meta-path hook that makes every import of torch (and torchvision) fail, installed before gaikan.edge
-# is imported; the child then proves that nothing it imported pulled torch in.
-BLOCK_TORCH = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"torch is blocked in this test (import of {name})")
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-    for mod in [m for m in sys.modules if m.split(".")[0] == "torch"]:
-        del sys.modules[mod]
-""")
-
+from no_torch import run_without_torch
 
 @pytest.fixture(scope="module")
 def onnx_model(defect_split, tmp_path_factory):
@@ -47,14 +27,8 @@ def onnx_model(defect_split, tmp_path_factory):
     return det, path, files, root / "broken.png"
 
 
-def _run_without_torch(code: str, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
-
-
 def test_the_block_really_blocks_torch():
-    result = _run_without_torch("import torch")
+    result = run_without_torch("import torch")
     assert result.returncode != 0 and "torch is blocked" in result.stderr
 
 
@@ -63,7 +37,7 @@ def test_edge_scores_without_torch(onnx_model):
 
     det, path, files, _ = onnx_model
     expected = det.score([read_image(f) for f in files]).scores
-    result = _run_without_torch("""
+    result = run_without_torch("""
         import sys
         from gaikan.edge import EdgeScorer
         scorer = EdgeScorer(sys.argv[1])
@@ -82,7 +56,7 @@ def test_edge_scores_without_torch(onnx_model):
 
 def test_edge_command_line_prints_path_score_verdict_without_torch(onnx_model):
     det, path, files, broken = onnx_model
-    result = _run_without_torch("""
+    result = run_without_torch("""
         import sys
         from gaikan.edge import main
         sys.exit(main(sys.argv[1:]))

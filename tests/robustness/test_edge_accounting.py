@@ -5,31 +5,20 @@ scores of the torch path."""
 import csv
 import io
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
+from no_torch import run_without_torch
 from odd_files import EXPECTED, IN_SUB
 from gaikan.data.images import read_image
 
-BLOCK_TORCH = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"torch is blocked in this test (import of {name})")
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
+EDGE_MAIN = """
     from gaikan.edge import main
     code = main(sys.argv[1:])
     assert not [m for m in sys.modules if m.split(".")[0] == "torch"]
     sys.exit(code)
-""")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +30,7 @@ def onnx_file(small_padim, tmp_path_factory):
 
 
 def run_edge(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=180)
+    return run_without_torch(EDGE_MAIN, *args, timeout=180)
 
 
 @pytest.mark.parametrize("recursive", [False, True])
