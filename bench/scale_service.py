@@ -118,7 +118,7 @@ def main() -> int:
         raise SystemExit(reason)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` / kill: still stop the servers
     model = args.model or default_model()
-    images = test_pngs(200)
+    images, _ = test_pngs(200)
     data_dir = WORK / "scale_service_data"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
