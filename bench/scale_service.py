@@ -38,25 +38,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from service_load import WORK, default_model, free_port, percentile, test_pngs  # noqa: E402
+from service_load import (WORK, default_model, free_port, percentile, post_inspect, stop_servers,  # noqa: E402
+                          test_pngs, wait_healthy)
 
 RESULTS = HERE / "results"
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gaikan serve exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"gaikan serve at {url} did not start in {timeout:.0f} s")
 
 
 def _row(i: int) -> dict:
@@ -144,7 +129,7 @@ def main() -> int:
                      "--port", str(port), "--data-dir", str(data_dir)],
                     env=env, stdout=subprocess.DEVNULL, stderr=open(logs[r], "wb")))
             for url, proc, log in zip(urls, procs, logs):
-                wait_healthy(url, proc, log)
+                wait_healthy(url, proc, log.read_text, timeout=300)
             startup_s = time.time() - t_start
             for r, url in enumerate(urls):  # warm-up, not counted
                 with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as c:
@@ -164,20 +149,10 @@ def main() -> int:
                     for i in range(args.per_client):
                         part = f"r{r}-c{k}-{i:04d}"
                         img = images[(r * 101 + k * 37 + i) % len(images)]
-                        t0 = time.perf_counter()
-                        try:
-                            resp = c.post("/v1/inspect", files={"file": ("cell.png", img, "image/png")},
-                                          data={"part_id": part})
-                        except httpx.HTTPError as exc:
-                            with lock:
-                                errors.append(f"{part}: {exc!r}")
+                        answer = post_inspect(c, part, img, errors, lock)
+                        if answer is None:
                             continue
-                        dt = 1000 * (time.perf_counter() - t0)
-                        if resp.status_code != 200:
-                            with lock:
-                                errors.append(f"{part}: HTTP {resp.status_code} {resp.text[:200]}")
-                            continue
-                        body = resp.json()
+                        dt, body = answer
                         with lock:
                             latencies[r].append(dt)
                             if body["id"] in acked:
@@ -194,13 +169,7 @@ def main() -> int:
                 t.join()
             wall = time.perf_counter() - t0
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_servers(procs)
         load_after = os.getloadavg()
 
         log = open_log(db)

@@ -97,6 +97,54 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, output, timeout: float = 600.0) -> float:
+    """Wait until the `gaikan serve` at ``url`` answers /healthz; seconds it took. If the process
+    exits first (or ``timeout`` passes), stop with the tail of its output: ``output()`` -> text."""
+    import httpx
+
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"gaikan serve exited ({proc.returncode}): {output()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return time.time() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"gaikan serve at {url} did not start in {timeout:.0f} s")
+
+
+def stop_servers(procs) -> None:
+    """SIGTERM every server, then wait for each (SIGKILL after 30 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def post_inspect(client, part: str, png: bytes, errors: list, lock) -> tuple[float, dict] | None:
+    """POST one upload; (latency ms, answer) or None after appending the failure to ``errors``."""
+    import httpx
+
+    t0 = time.perf_counter()
+    try:
+        r = client.post("/v1/inspect", files={"file": ("cell.png", png, "image/png")}, data={"part_id": part})
+    except httpx.HTTPError as exc:
+        with lock:
+            errors.append(f"{part}: {exc!r}")
+        return None
+    dt = 1000 * (time.perf_counter() - t0)
+    if r.status_code != 200:
+        with lock:
+            errors.append(f"{part}: HTTP {r.status_code} {r.text[:200]}")
+        return None
+    return dt, r.json()
+
+
 def percentile(values, q) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
 
@@ -188,19 +236,7 @@ def main() -> int:
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     phases: dict[str, dict] = {}
     try:
-        t_start = time.time()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"gaikan serve exited: {server.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t_start > 600:
-                raise SystemExit("gaikan serve did not start in 600 s")
-            time.sleep(0.2)
-        startup_s = time.time() - t_start
+        startup_s = wait_healthy(url, server, lambda: server.stderr.read().decode())
         with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60) as c:
             served = c.get("/v1/models").json()["models"][0]
         onnx_files = sorted((data_dir / "onnx").glob("*.onnx"))
@@ -231,20 +267,10 @@ def main() -> int:
                     for i in range(per_client):
                         part = f"{label}-c{k}-{i:04d}"
                         img = images[(k * 37 + i) % len(images)]
-                        t0 = time.perf_counter()
-                        try:
-                            r = c.post("/v1/inspect", files={"file": ("cell.png", img, "image/png")},
-                                       data={"part_id": part})
-                        except httpx.HTTPError as exc:
-                            with lock:
-                                errors.append(f"{part}: {exc!r}")
+                        answer = post_inspect(c, part, img, errors, lock)
+                        if answer is None:
                             continue
-                        dt = 1000 * (time.perf_counter() - t0)
-                        if r.status_code != 200:
-                            with lock:
-                                errors.append(f"{part}: HTTP {r.status_code} {r.text[:200]}")
-                            continue
-                        body = r.json()
+                        dt, body = answer
                         with lock:
                             latencies.append(dt)
                             if body["id"] in acked:
@@ -300,11 +326,7 @@ def main() -> int:
         raw_after = raw_onnxruntime(onnx_files[0], arrays, cores=cores, batch=args.raw_batch,
                                     seconds=args.raw_seconds)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_servers([server])
 
     db = sqlite3.connect(data_dir / "inspections.sqlite3")
     rows = {r[0]: tuple(r[1:]) for r in db.execute(
