@@ -347,17 +347,8 @@ class LogStore(ABC):
     def query(self, *, verdict: str | None = None, since: float | None = None, until: float | None = None,
               limit: int = 50, offset: int = 0, ng_first: bool = False) -> tuple[list[Inspection], int]:
         """Newest first (NG before OK with ``ng_first``); returns (page, total matching)."""
-        where, args = [], []
-        if verdict is not None:
-            where.append("verdict = ?")
-            args.append(verdict)
-        if since is not None:
-            where.append("created >= ?")
-            args.append(float(since))
-        if until is not None:
-            where.append("created < ?")
-            args.append(float(until))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = _where(("verdict = ?", verdict), ("created >= ?", _float_or_none(since)),
+                              ("created < ?", _float_or_none(until)))
         order = "(verdict = 'NG') DESC, id DESC" if ng_first else "id DESC"
         with _unavailable_says("the log could not be read"), self._transaction() as run:
             total = run(f"SELECT COUNT(*) FROM inspections {clause}", args)[0][0]
@@ -433,23 +424,25 @@ class LogStore(ABC):
                         model_id: str | None = None, limit: int = 50_000) -> list[tuple]:
         """The newest ``limit`` inspections in [since, until) as tuples (id, created, score, verdict,
         threshold, p_value, current review label or None, its defect_type), newest first."""
-        where, args = [], []
-        if since is not None:
-            where.append("inspections.created >= ?")
-            args.append(float(since))
-        if until is not None:
-            where.append("inspections.created < ?")
-            args.append(float(until))
-        if model_id is not None:
-            where.append("inspections.model_id = ?")
-            args.append(model_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = _where(("inspections.created >= ?", _float_or_none(since)),
+                              ("inspections.created < ?", _float_or_none(until)), ("inspections.model_id = ?", model_id))
         sql = ("SELECT inspections.id, inspections.created, inspections.score, inspections.verdict, "
                "inspections.threshold, inspections.p_value, reviews.label, reviews.defect_type "
                f"FROM inspections LEFT JOIN reviews ON {_CURRENT_REVIEW.format(i='inspections')} "
                f"{clause} ORDER BY inspections.id DESC LIMIT ?")
         with self._transaction() as run:
             return [tuple(r) for r in run(sql, [*args, int(limit)])]
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _where(*conditions: tuple[str, object]) -> tuple[str, list]:
+    """``WHERE c1 AND c2 ...`` (or "") and its parameters, from the (condition, value) pairs whose
+    value is not None."""
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    return (f"WHERE {' AND '.join(sql for sql, _ in used)}" if used else ""), [value for _, value in used]
 
 
 class SQLiteStore(LogStore):
