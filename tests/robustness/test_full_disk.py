@@ -61,3 +61,21 @@ def test_predict_on_a_full_disk_fails_cleanly_and_keeps_the_previous_results(sma
         assert "ENOSPC" in text and "previous content is unchanged" in text
         assert snapshot(out) == before
         assert sorted(p.name for p in mnt.iterdir()) == ["ballast.bin", "results"]
+
+
+def test_an_onnx_export_on_a_full_disk_keeps_the_previous_file(small_padim, tmp_path):
+    from gaikan.export.onnx_export import export_onnx
+
+    old, _ = small_padim
+    new = PaDiM(image_size=64, n_features=20).fit([texture(300 + k) for k in range(16)], validation_fraction=0.25)
+    with small_tmpfs(tmp_path / "mnt", 4096) as mnt:
+        path = export_onnx(old, mnt / "m.onnx")
+        before = path.read_bytes()
+        fill(mnt, leave=16 * 1024)
+        with pytest.raises(GaikanError) as info:
+            export_onnx(new, path, force=True)
+        message = str(info.value)
+        assert message.startswith(f"cannot write the ONNX model {path}") and "ENOSPC" in message
+        assert "previous file is unchanged" in message and "\n" not in message
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in mnt.iterdir()) == ["ballast.bin", "m.onnx"]  # no temporary left

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -118,27 +117,12 @@ def clean_graph(model):
 
 
 def save_atomic(model, out: Path) -> Path:
-    """Write ``model`` to a temporary sibling of ``out`` and rename it (never a half-written file)."""
+    """Write ``model`` to a temporary sibling of ``out`` and rename it (never a half-written file;
+    ``gaikan.io.atomic.atomic_file``)."""
     import onnx
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a model file is an ordinary file
-        onnx.save_model(model, tmp)
-        os.replace(tmp, out)
-    except OSError as exc:  # a full disk: clear error, the previous file (if any) untouched
-        from gaikan.errors import GaikanError
-        from gaikan.io.atomic import describe_os_error
+    from gaikan.io.atomic import atomic_file
 
-        Path(tmp).unlink(missing_ok=True)
-        kept = "the previous file is unchanged" if out.exists() else "nothing was written"
-        raise GaikanError(f"cannot write the ONNX model {out}: {describe_os_error(exc)}; {kept}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    with atomic_file(out, what="ONNX model") as tmp:
+        onnx.save_model(model, tmp)
+    return Path(out)

@@ -75,6 +75,34 @@ def atomic_dir(path, *, overwrite: bool, what: str = "output directory") -> Iter
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path, *, what: str = "file") -> Iterator[Path]:
+    """Yield a temporary sibling path for one file that replaces ``path`` (one rename) when the
+    block succeeds; an OSError (a full disk) becomes a GaikanError naming ``what`` and ``path``,
+    the previous file (if any) untouched and the temporary file gone. The file gets the mode of
+    an ordinary new file (the umask), not mkstemp's 0600."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise GaikanError(f"cannot write the {what} {path}: {describe_os_error(exc)}") from None
+    tmp = Path(name)
+    try:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as exc:
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise GaikanError(f"cannot write the {what} {path}: {describe_os_error(exc)}; {kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _swap_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.rename(tmp, path)
