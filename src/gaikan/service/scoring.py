@@ -4,10 +4,11 @@ Runtimes (``ScoringBackend``: ``prepare(image)`` in the request's thread, ``run(
 scoring worker, ``workers`` = how many ``run`` calls may go at once):
 
 * ``OnnxBackend``: the model exported to ONNX (``gaikan.export``) and run by onnxruntime. One
-  ``InferenceSession`` (one copy of the weights) shared by ``workers`` threads, each run on 1
-  intra-op thread: ``InferenceSession.run`` is thread-safe and releases the GIL, so ``workers``
-  = the number of cores keeps every core busy with independent batches (no thread pool spinning
-  against itself). ``prepare`` is ``gaikan.data.images.prepare_image`` (the torch path's resize),
+  ``InferenceSession`` (one copy of the weights) shared by ``workers`` threads, each run on
+  ``threads`` intra-op threads (the service gives cores / workers, i.e. 1 at its default of one
+  worker per core; idle intra-op threads sleep rather than spin): ``InferenceSession.run`` is
+  thread-safe and releases the GIL, so ``workers`` = the number of cores keeps every core busy
+  with independent batches. ``prepare`` is ``gaikan.data.images.prepare_image`` (the torch path's resize),
   so the scores are the exported graph's scores of the same input as the torch path.
 * ``TorchBackend``: the fitted detector itself (the fallback for models that do not export:
   tiled models, metric-learning detectors). Its torch state is not re-entrant: one worker, and
