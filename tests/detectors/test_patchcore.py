@@ -49,6 +49,13 @@ def test_greedy_coreset_is_seeded_and_covers_the_data():
     assert greedy_coreset(x, 1.0).tolist() == list(range(200))
 
 
+def _clustered(seed: int) -> tuple[np.random.Generator, torch.Tensor]:
+    """4000 points in 24-d around 40 cluster centres (and the generator, for further draws)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, 24)) * 6
+    return rng, torch.from_numpy(centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 24))).float()
+
+
 def _covering_radius(points: torch.Tensor, chosen: torch.Tensor) -> float:
     return float(torch.cdist(points, points[chosen]).min(1).values.max())
 
@@ -60,9 +67,7 @@ def test_chunked_coreset_selection_keeps_the_size_and_the_cover():
     measure) stays within 1.5x that of the exact selection on clustered data, as long as each chunk's
     share of the bank (here 100) exceeds the number of clusters (40). (With fewer picks per chunk than
     clusters a chunk cannot cover its own clusters: docs/patchcore.md says why the default chunk is large.)"""
-    rng = np.random.default_rng(11)
-    centres = rng.normal(size=(40, 24)) * 6
-    x = torch.from_numpy(centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 24))).float()
+    rng, x = _clustered(11)
     exact = greedy_coreset(x, 0.1, projection_dim=0, seed=2)
     assert torch.equal(greedy_coreset(x, 0.1, projection_dim=0, seed=2, chunk=4000), exact)
     chunked = greedy_coreset(x, 0.1, projection_dim=0, seed=2, chunk=1000)
@@ -79,9 +84,7 @@ def test_presampled_coreset_selection_keeps_the_size_and_the_cover():
     f N picks): exactly round(f N) distinct indices into the full set, seeded, equal to the exact
     selection when N <= S, and a cover of the *whole* data (not only the sample) close to the exact
     one: within 1.5x its covering radius, and better than a random subset of the same size."""
-    rng = np.random.default_rng(12)
-    centres = rng.normal(size=(40, 24)) * 6
-    x = torch.from_numpy(centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 24))).float()
+    rng, x = _clustered(12)
     exact = greedy_coreset(x, 0.1, projection_dim=0, seed=2)
     assert torch.equal(greedy_coreset(x, 0.1, projection_dim=0, seed=2, sample=4000), exact)
     sampled = greedy_coreset(x, 0.1, projection_dim=0, seed=2, sample=1500)
