@@ -43,6 +43,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                                                    "image_size": 224}),
     "padim": ("padim", {}),
     "patchcore": ("patchcore", {}),
+    "patchcore coreset_fraction=0.01 projection_dim=32": ("patchcore", {"coreset_fraction": 0.01,
+                                                                        "projection_dim": 32}),
     "padim stages=1,2,3 n_features=144 image_size=256": ("padim", {"stages": (1, 2, 3), "n_features": 144,
                                                                    "image_size": 256}),
     "padim n_features=0": ("padim", {"n_features": 0}),
