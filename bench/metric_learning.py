@@ -79,9 +79,9 @@ PATCH_JSON = RESULTS / "patch_metric.json"
 PATCH_MD = RESULTS / "patch_metric.md"
 CACHE_DIR = HERE / ".work" / "features"
 PATCH_VARIANTS = [  # (protocol, variant)
-    ("good-only", "patchcore[coreset_fraction=0.01]"),
+    ("good-only", "patchcore"),
     ("good-only", "patch-metric"),
-    ("split_sup", "patchcore[coreset_fraction=0.01]"),
+    ("split_sup", "patchcore"),
     ("split_sup", "patch-metric"),
     ("split_sup", "cnn-classifier[image_size=224,augment=false]"),
     ("good-only", "padim"),
