@@ -60,6 +60,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "patchcore backbone=lite2": ("patchcore", {"backbone": "lite2"}),
     "patchcore image_size=320": ("patchcore", {"image_size": 320}),
     "patchcore coreset_fraction=0.1": ("patchcore", {"coreset_fraction": 0.1}),
+    "patch-metric": ("patch-metric", {}),
     "auto": ("auto", {}),
 }
 ELPV = {"elpv-mono": "elpv:mono", "elpv-poly": "elpv:poly"}
