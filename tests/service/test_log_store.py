@@ -1,6 +1,7 @@
 """The inspection log behind one interface: SQLite and PostgreSQL (a real server) give the same rows
 and the same answers; the schema is versioned (a newer log is refused, an old SQLite log opens);
-replicas migrating one database together apply each migration once; many writers lose no row."""
+replicas migrating one database together apply each migration once; many writers lose no row; a stopped
+server is LogUnavailable on every call, saying what the request lost."""
 
 import sqlite3
 import threading
@@ -223,8 +224,19 @@ def test_a_restarted_server_is_reconnected_to_and_a_stopped_one_is_log_unavailab
             pg.pg_ctl("restart", "-m", "fast")
             assert store.add(**fields(1)).id > first.id  # stale pooled connections were replaced
             pg.pg_ctl("stop", "-m", "fast")
-            with pytest.raises(LogUnavailable, match="inspection log postgresql://gaikan@127.0.0.1.* unavailable"):
+            with pytest.raises(LogUnavailable, match="inspection log postgresql://gaikan@127.0.0.1.* unavailable"
+                                                     ".*nothing was logged: retry later"):
                 store.add(**fields(2))
+            # the review loop's reads and writes say what the outage means for the request too
+            for call, says in [(lambda: store.add_review(first.id, label="false_alarm", reviewer="op"),
+                                "the review was not recorded"),
+                               (lambda: store.set_pictures(first.id, thumb="0" * 64), "the pictures were not recorded"),
+                               (lambda: store.current_reviews([first.id]), "the log could not be read"),
+                               (lambda: store.review_queue(), "the log could not be read"),
+                               (lambda: store.recent_reviews(), "the log could not be read"),
+                               (lambda: store.reviewed_window(), "the log could not be read")]:
+                with pytest.raises(LogUnavailable, match=f"unavailable.*{says}: retry later"):
+                    call()
         finally:
             store.close()
 

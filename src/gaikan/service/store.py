@@ -370,7 +370,7 @@ class LogStore(ABC):
             raise ValueError(f"unknown picture kinds {sorted(unknown)}; expected {sorted(cols)}")
         if sha256s:
             sets = ", ".join(f"{cols[k]} = COALESCE({cols[k]}, ?)" for k in sha256s)
-            with self._transaction() as run:
+            with _unavailable_says("the pictures were not recorded"), self._transaction() as run:
                 run(f"UPDATE inspections SET {sets} WHERE id = ?", [*sha256s.values(), int(inspection_id)])
         return self.get(inspection_id)
 
@@ -385,7 +385,7 @@ class LogStore(ABC):
         created = time.time() if created is None else float(created)
         values = [int(inspection_id), created, _utc_iso(created), reviewer, label, defect_type]
         cols = _REVIEW_COLUMNS[1:]
-        with self._transaction() as run:
+        with _unavailable_says("the review was not recorded"), self._transaction() as run:
             row_id = run(f"INSERT INTO reviews ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
                          "RETURNING id", values)[0][0]
         return Review(int(row_id), *values)
@@ -395,7 +395,7 @@ class LogStore(ABC):
         ids = [int(i) for i in inspection_ids]
         if not ids:
             return {}
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             rows = run(f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews WHERE inspection_id IN "
                        f"({', '.join('?' for _ in ids)}) ORDER BY id", ids)
         return {r.inspection_id: r for r in (Review(*row) for row in rows)}  # later ids overwrite
@@ -408,7 +408,7 @@ class LogStore(ABC):
         if model_id is not None:
             where += " AND model_id = ?"
             args.append(model_id)
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             total = run(f"SELECT COUNT(*) FROM inspections WHERE {where}", args)[0][0]
             rows = run(f"SELECT {', '.join(_COLUMNS)} FROM inspections WHERE {where} "
                        "ORDER BY id DESC LIMIT ? OFFSET ?", [*args, int(limit), int(offset)])
@@ -416,7 +416,7 @@ class LogStore(ABC):
 
     def recent_reviews(self, *, limit: int = 20) -> list[Review]:
         """The latest reviews (all of them, superseded ones included), newest first."""
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             rows = run(f"SELECT {', '.join(_REVIEW_COLUMNS)} FROM reviews ORDER BY id DESC LIMIT ?", (int(limit),))
         return [Review(*r) for r in rows]
 
@@ -430,7 +430,7 @@ class LogStore(ABC):
                "inspections.threshold, inspections.p_value, reviews.label, reviews.defect_type "
                f"FROM inspections LEFT JOIN reviews ON {_CURRENT_REVIEW.format(i='inspections')} "
                f"{clause} ORDER BY inspections.id DESC LIMIT ?")
-        with self._transaction() as run:
+        with _unavailable_says("the log could not be read"), self._transaction() as run:
             return [tuple(r) for r in run(sql, [*args, int(limit)])]
 
 
