@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gaikan import pipeline
-from gaikan.auto import Candidate, make_check_set, select_detector
+from gaikan.auto import Candidate, SelectionRow, auroc_standard_error, choose, make_check_set, select_detector
 from gaikan.detectors.base import load_detector
 
 # A clearly worse candidate: one random channel of the coarsest tap at 32 px, smoothed flat.
@@ -139,3 +139,37 @@ def test_the_tap_cache_gives_the_same_scores_and_runs_the_backbone_once(defect_s
         features.prepare_batch = real
     assert sum(calls) == n_first  # the second detector ran no backbone pass
     np.testing.assert_array_equal(cached, plain)
+
+
+def test_the_auroc_standard_error_matches_the_spread_of_auroc_over_repeated_check_sets():
+    """Hanley & McNeil's formula is exact in form for exponential scores; for normal scores at a
+    high AUC it is larger than the true spread (more ties, never fewer)."""
+    from gaikan.evaluation.metrics import image_auroc
+
+    rng = np.random.default_rng(0)
+
+    def spread_and_mean(draw, n_pos, n_neg):
+        aucs = [image_auroc(np.r_[np.zeros(n_neg), np.ones(n_pos)], draw(n_pos, n_neg)) for _ in range(1500)]
+        return float(np.std(aucs)), float(np.mean(aucs))
+
+    for theta, n_pos, n_neg in [(9.0, 48, 48), (40.0, 48, 48), (9.0, 20, 100)]:  # AUC 0.90, 0.976, 0.90
+        spread, mean = spread_and_mean(lambda p, n: np.r_[rng.exponential(1, n), rng.exponential(theta, p)],
+                                       n_pos, n_neg)
+        assert 0.8 * spread < auroc_standard_error(mean, n_pos, n_neg) < 1.25 * spread
+    for shift in (2.0, 3.5):  # binormal, AUC 0.92 and 0.993
+        spread, mean = spread_and_mean(lambda p, n: np.r_[rng.normal(0, 1, n), rng.normal(shift, 1, p)], 48, 48)
+        assert 0.8 * spread < auroc_standard_error(mean, 48, 48) < 2.0 * spread
+
+
+def test_a_difference_the_check_set_cannot_see_goes_to_the_earlier_candidate():
+    def rows(*aucs):
+        return [SelectionRow(f"c{i}", "padim", {}, image_auroc=a) for i, a in enumerate(aucs)]
+
+    # 48 + 48 check images: 0.990 is within one standard error (about 0.008) of 0.9935
+    assert choose(rows(0.990, 0.9935, 0.95), 48, 48).label == "c0"
+    # many more check images resolve the same difference; a clearly worse first candidate never wins
+    assert choose(rows(0.990, 0.9935, 0.95), 5000, 5000).label == "c1"
+    assert choose(rows(0.95, 0.9935), 48, 48).label == "c1"
+    skipped = rows(0.999, 0.96)
+    skipped[0].status, skipped[0].image_auroc = "skipped: time budget", None
+    assert choose(skipped, 48, 48).label == "c1"
