@@ -1,5 +1,6 @@
-"""--detector auto (gaikan.auto): it picks the better candidate where one is clearly better, never
-reads the test images, keeps to its time budget, and saves an ordinary model with its table."""
+"""--detector auto (gaikan.auto): it picks the better candidate where one is clearly better (and the
+earlier one where the check set cannot tell them apart), never reads the test images, keeps to its
+time budget, and saves an ordinary model with its table."""
 
 import json
 
@@ -28,7 +29,7 @@ def test_auto_picks_the_clearly_better_of_two_settings(defect_split):
     assert selection.n_fit == len(train) - 12
 
 
-def test_the_order_of_the_grid_does_not_decide(defect_split):
+def test_the_order_of_the_grid_does_not_decide_a_clear_difference(defect_split):
     _, selection = select_detector(defect_split.train.images, grid=(STRONG, WEAK), seed=1, budget=100)
     assert selection.chosen == "strong"
 
