@@ -129,7 +129,7 @@ def main() -> int:
                      "--port", str(port), "--data-dir", str(data_dir)],
                     env=env, stdout=subprocess.DEVNULL, stderr=open(logs[r], "wb")))
             for url, proc, log in zip(urls, procs, logs):
-                wait_healthy(url, proc, log.read_text, timeout=300)
+                wait_healthy(url, proc, timeout=300, output=log.read_text)
             startup_s = time.time() - t_start
             for r, url in enumerate(urls):  # warm-up, not counted
                 with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as c:

@@ -39,7 +39,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,11 +52,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = HERE / ".work"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# `gaikan serve` as a process: the helpers the service tests use (also imported by scale_service.py)
+sys.path.insert(0, str(HERE.parent / "tests" / "service"))
+from serve_process import free_port, stop_servers, wait_healthy  # noqa: E402
 
 
 def default_model() -> Path:
@@ -95,35 +92,6 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, output, timeout: float = 600.0) -> float:
-    """Wait until the `gaikan serve` at ``url`` answers /healthz; seconds it took. If the process
-    exits first (or ``timeout`` passes), stop with the tail of its output: ``output()`` -> text."""
-    import httpx
-
-    start = time.time()
-    while time.time() - start < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"gaikan serve exited ({proc.returncode}): {output()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return time.time() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"gaikan serve at {url} did not start in {timeout:.0f} s")
-
-
-def stop_servers(procs) -> None:
-    """SIGTERM every server, then wait for each (SIGKILL after 30 s)."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def post_inspect(client, part: str, png: bytes, errors: list, lock) -> tuple[float, dict] | None:
@@ -236,7 +204,7 @@ def main() -> int:
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     phases: dict[str, dict] = {}
     try:
-        startup_s = wait_healthy(url, server, lambda: server.stderr.read().decode())
+        startup_s = wait_healthy(url, server, timeout=600.0, output=lambda: server.stderr.read().decode())
         with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60) as c:
             served = c.get("/v1/models").json()["models"][0]
         onnx_files = sorted((data_dir / "onnx").glob("*.onnx"))

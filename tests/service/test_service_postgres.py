@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
-from serve_process import free_port, wait_healthy
+from serve_process import free_port, stop_servers, wait_healthy
 from fastapi.testclient import TestClient
 
 from gaikan.service.app import create_app
@@ -95,13 +94,7 @@ def test_two_replicas_share_one_postgresql_log_without_lost_or_duplicated_rows(s
             totals = [c.get(f"{u}/v1/inspections?limit=1").json()["total"] for u in urls]
         assert totals == [48, 48]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_servers(procs)
 
     log = open_log(pg_url)
     try:
