@@ -50,6 +50,21 @@ def _check_image(img, i: int) -> np.ndarray:
 RUNTIMES = ("onnx", "openvino")
 
 
+def onnx_session(model, threads: int, *, spin: bool = True):
+    """An onnxruntime CPU session for ``model`` (a path, or a serialised model): full graph
+    optimisation, ``threads`` intra-op threads (0 = all cores), one inter-op thread; ``spin`` False
+    lets idle intra-op threads sleep (for a process whose other threads need the cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class _OnnxRuntime:
     """onnxruntime, CPU execution provider, full graph optimisation (``ORT_ENABLE_ALL``)."""
 
@@ -58,14 +73,8 @@ class _OnnxRuntime:
     def __init__(self, path: Path, threads: int, spin: bool = True):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        if not spin:  # idle intra-op threads sleep instead of spinning (CPU shared with other work)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(str(path), threads, spin=spin)
         except Exception as exc:  # noqa: BLE001 - any load failure is the file's problem
             raise ModelFormatError(f"{path}: not a loadable ONNX model ({_short(exc)})") from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -11,7 +11,7 @@ from gaikan.detectors.padim import PaDiM
 from gaikan.detectors.patchcore import PatchCore
 from gaikan.edge import EdgeScorer
 from gaikan.errors import GaikanError, ModelFormatError, SettingsError
-from gaikan.export.onnx_export import export_onnx, read_metadata
+from gaikan.export.onnx_export import STAGE_CUT, export_onnx, read_metadata, split_stages
 
 # the torch detectors, fitted once per module on the synthetic parts (96 px keeps this fast)
 # (the PatchCore variant exercises every branch of its head: channel pooling and re-weighting on top
@@ -72,6 +72,27 @@ def test_metadata_carries_threshold_settings_and_size(exported):
     assert scorer.threshold == det.threshold and scorer.input_size == det.input_size
     np.testing.assert_array_equal(scorer.p_values([0.0, det.threshold, 1e9]),
                                   det.p_values([0.0, det.threshold, 1e9]))
+
+
+def test_padim_graph_is_cut_between_features_and_head_and_the_halves_score_alike(exported, defect_split):
+    import onnxruntime as ort
+
+    det, path = exported
+    stages = split_stages(path)
+    if det.name != "padim":  # one stage: nothing to cut
+        assert stages is None and "stage_cut" not in read_metadata(path)
+        return
+    assert read_metadata(path)["stage_cut"] == STAGE_CUT
+    scorer = EdgeScorer(path)
+    batch = scorer.prepare(defect_split.test.images[:5])
+    features, head = (ort.InferenceSession(part, providers=["CPUExecutionProvider"])
+                      for part in stages[:2])
+    emb = features.run([STAGE_CUT], {"image": batch})[0]
+    assert emb.shape == (5, det.grid_[0] * det.grid_[1], det.n_features)
+    scores, maps = head.run(["score", "anomaly_map"], {STAGE_CUT: emb})
+    whole_scores, whole_maps = scorer.score_prepared(batch)
+    np.testing.assert_allclose(scores, whole_scores, rtol=1e-6)
+    np.testing.assert_allclose(maps, whole_maps, rtol=1e-6, atol=1e-6)
 
 
 def test_export_refuses_an_existing_file_and_replaces_it_with_force(exported, tmp_path):

@@ -224,13 +224,13 @@ def test_cli_serve_refuses_no_auth_on_a_public_host(service_model, tmp_path):
 def test_event_loop_stays_free_while_the_detector_is_busy(client, uploads):
     served = client.app.state.service.registry.get("default")
     gate = threading.Event()
-    run = served.batcher._run
+    run = served.batcher._stages[0]
 
     def blocked_run(items):  # the scoring workers are "busy" until the gate opens
         gate.wait(30)
         return run(items)
 
-    served.batcher._run = blocked_run
+    served.batcher._stages[0] = blocked_run
     done = {}
     try:  # an inspection must wait, /healthz, /metrics and reads must not
         t = threading.Thread(target=lambda: done.setdefault("r", inspect(client, uploads["defect"][0])))
@@ -245,5 +245,5 @@ def test_event_loop_stays_free_while_the_detector_is_busy(client, uploads):
     finally:
         gate.set()
         t.join(timeout=30)
-        served.batcher._run = run
+        served.batcher._stages[0] = run
     assert done["r"].status_code == 200 and done["r"].json()["verdict"] == "NG"

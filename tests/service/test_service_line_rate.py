@@ -55,6 +55,8 @@ def test_onnxruntime_is_the_default_and_scores_like_torch(service_model, tmp_pat
         with TestClient(create_app(service_model, tmp_path / runtime, KEY, runtime=runtime)) as c:
             info = c.get("/v1/models/default", headers=H).json()
             results[info["runtime"]] = [post(c, d).json() for d in images]
+            # PaDiM's graph has a stage cut: its features and its head are batched apart
+            assert ("batched apart" in info["runtime_note"]) == (runtime == "auto"), info["runtime_note"]
     assert set(results) == {"onnx", "torch"}
     for runtime, answers in results.items():
         np.testing.assert_allclose([a["score"] for a in answers], expected, rtol=1e-4, err_msg=runtime)
@@ -70,7 +72,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(service_mod
         assert all(a["timing"]["batch_size"] == 1 for a in alone)
         served = service.registry.get("default")
         gate = threading.Event()
-        run = served.batcher._run
+        run = served.batcher._stages[-1]  # the batching stage (PaDiM's head; the whole graph if one)
         blocked: list[int] = []  # the size of the batch the worker holds while the gate is closed
 
         def gated(items):
@@ -79,7 +81,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(service_mod
                 gate.wait(30)
             return run(items)
 
-        served.batcher._run = gated
+        served.batcher._stages[-1] = gated
         answers = [None] * len(images)
         threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, service.inspect_bytes(images[i])))
                    for i in range(len(images))]
@@ -93,7 +95,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(service_mod
         gate.set()
         for t in threads:
             t.join(30)
-        served.batcher._run = run
+        served.batcher._stages[-1] = run
         sizes = sorted(a["timing"]["batch_size"] for a in answers)
         # two batches: the blocked one and all the queued requests together
         assert len(blocked) == 1 and sizes == sorted([blocked[0]] * blocked[0] + [len(images) - blocked[0]]
@@ -138,6 +140,55 @@ def test_a_failing_request_in_a_batch_fails_alone():
             futures[1].result(10)
     finally:
         batcher.close()
+
+
+def _two_stages(gate: threading.Event, head_batches: list[int]):
+    """A features stage (held until ``gate`` opens) and a head that refuses any item not (2, 2)."""
+    def features(items):
+        gate.wait(10)
+        return [2.0 * item for item in items]
+
+    def head(items):
+        if any(item.shape != (2, 2) for item in items):
+            raise ValueError("input of the wrong shape")
+        head_batches.append(len(items))
+        return np.stack(items).reshape(len(items), -1).sum(axis=1), [None] * len(items)
+
+    return features, head
+
+
+def test_staged_batching_gives_the_head_every_request_in_flight():
+    gate, head_batches = threading.Event(), []
+    batcher = MicroBatcher(_two_stages(gate, head_batches), workers=2, max_batch=8, max_wait_ms=0)
+    try:
+        futures = [batcher.submit(np.full((2, 2), float(i))) for i in range(6)]
+        time.sleep(0.1)  # both workers hold one item each in the features stage; four are queued
+        assert batcher.queue_length == 4
+        gate.set()
+        results = [f.result(10) for f in futures]
+        assert [r.score for r in results] == [8.0 * i for i in range(6)]  # each its own score
+        # the features ran one item at a time on both workers; the head once, on all six
+        assert head_batches == [6] and {r.batch_size for r in results} == {6}
+        assert all(r.score_ms > 0 for r in results)
+    finally:
+        batcher.close()
+
+
+def test_staged_batching_caps_the_head_at_max_batch_and_a_failing_item_fails_alone():
+    gate, head_batches = threading.Event(), []
+    batcher = MicroBatcher(_two_stages(gate, head_batches), workers=2, max_batch=4, max_wait_ms=0)
+    items = [np.full((2, 2), float(i)) for i in range(9)]
+    items[5] = np.ones((3, 3))
+    futures = [batcher.submit(item) for item in items]
+    gate.set()
+    batcher.close()  # closing drains: every queued item still gets its answer
+    for i, future in enumerate(futures):
+        if i == 5:
+            with pytest.raises(ValueError):
+                future.result(10)
+        else:
+            assert future.result(10).score == 8.0 * i
+    assert max(head_batches) <= 4 and sum(head_batches) == 8
 
 
 def test_pictures_are_drawn_on_first_request_like_the_eager_ones(service_model, tmp_path, uploads):

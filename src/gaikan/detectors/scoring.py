@@ -83,7 +83,8 @@ class PaDiMScoring(nn.Module):
             total = part if total is None else total + part
         return total.clamp_min(0).sqrt().transpose(0, 1)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """The feature stage: image (N, 3, H, W) -> embeddings (N, P, d) (compute-bound)."""
         features = self.extractor(normalise(image))
         size = features[0].shape[-2:]
         parts = []
@@ -92,9 +93,17 @@ class PaDiMScoring(nn.Module):
             if part.shape[-2:] != size:
                 part = F.interpolate(part, size=size, mode="nearest")
             parts.append(part)
-        emb = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)  # (B, P, d)
+        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+
+    def score_embedding(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head: embeddings (N, P, d) -> (scores, maps). Memory-bound: it reads every position's
+        whitening matrix once per batch, whatever the batch size, so the export marks the cut between
+        the two (``gaikan.export.onnx_export``) and the service batches the head on its own."""
         dist = self.mahalanobis(emb).reshape(-1, self.grid[0], self.grid[1])
         return self.head(dist)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_embedding(self.embed(image))
 
 
 def channel_pool_matrix(dim_in: int, dim_out: int) -> torch.Tensor:

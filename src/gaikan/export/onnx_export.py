@@ -17,6 +17,12 @@ where structured): ``gaikan_format`` ("gaikan-onnx"), ``gaikan_format_version``,
 default), ``threshold_method``, ``thresholds`` (every method's value), ``calibration_scores`` (the
 held-out good scores, for conformal p-values) and ``fit``.
 
+Two-stage graphs: a scoring module with ``embed(image)`` and ``score_embedding(embedding)`` (PaDiM,
+whose head is memory-bound) is traced as two graphs joined at the tensor ``embedding``, and the
+metadata says ``stage_cut`` = "embedding". The file is still one graph from ``image`` to the two
+outputs, read as before; ``split_stages`` cuts it in two for a scorer that batches the head apart
+from the features (``gaikan serve``). Same operations as one trace, so the same scores.
+
 The traced graph is cleaned before it is written (``gaikan.export.graph``: onnxruntime's basic
 optimisation, i.e. constant folding, then the TensorFlow "SAME" Pads folded into their convolutions).
 
@@ -31,6 +37,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +50,8 @@ FORMAT_VERSION = 1
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map")
+#: the tensor joining a two-stage graph's feature stage to its head (PaDiM: the (N, P, d) embeddings)
+STAGE_CUT = "embedding"
 INPUT_FORMAT = "float32 NCHW RGB in [0, 1] at input_size (resized with Pillow bilinear, mode F)"
 
 
@@ -100,7 +109,6 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
     An existing ``out`` is refused unless ``force``; the file is written to a temporary sibling and
     renamed, so a failed export never leaves a half-written model behind.
     """
-    import onnx
     import torch
 
     if isinstance(detector, (str, os.PathLike)):
@@ -115,23 +123,98 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
     module = scoring_module(detector)
     height, width = detector.input_size
     dummy = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    if hasattr(module, "score_embedding"):  # two stages joined at a named tensor (see STAGE_CUT)
+        with torch.no_grad():
+            emb = module.embed(dummy)
+        first = _trace(_stage(module, "embed"), dummy, INPUT_NAME, [STAGE_CUT], opset)
+        second = _trace(_stage(module, "score_embedding"), emb, STAGE_CUT, list(OUTPUT_NAMES), opset)
+        model = _join(first, second)
+    else:
+        model = _trace(module, dummy, INPUT_NAME, list(OUTPUT_NAMES), opset)
+    model.doc_string = f"gaikan {detector.name}: image (N,3,{height},{width}) in [0,1] -> score (N,), anomaly_map (N,{height},{width})"
+    metadata = model_metadata(detector)
+    if hasattr(module, "score_embedding"):
+        metadata["stage_cut"] = STAGE_CUT
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return save_atomic(model, out)
+
+
+def _stage(owner, method: str):
+    """``owner.method`` as a module of its own, for the tracer. It holds the owner's submodules and
+    buffers under their own names, so the nodes are named as in a trace of the owner
+    (``/extractor/...``: ``gaikan.export.quantize`` finds the backbone by that name)."""
+    import torch
+
+    class Stage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, child in owner.named_children():
+                self.add_module(name, child)
+
+        def forward(self, x):
+            return getattr(owner, method)(x)
+
+    return Stage().eval()
+
+
+def _trace(module, dummy, input_name: str, output_names: list[str], opset: int):
+    """One torch module -> a cleaned ONNX model, the batch axis dynamic."""
+    import onnx
+    import torch
+
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about shapes turned into constants: intended, the working size is fixed
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, (dummy,), buffer, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAMES[0]: {0: "N"}, OUTPUT_NAMES[1]: {0: "N"}},
+            input_names=[input_name], output_names=output_names,
+            dynamic_axes={name: {0: "N"} for name in [input_name, *output_names]},
             do_constant_folding=True,
         )
-    model = clean_graph(onnx.load_from_string(buffer.getvalue()))
-    del buffer
-    model.doc_string = f"gaikan {detector.name}: image (N,3,{height},{width}) in [0,1] -> score (N,), anomaly_map (N,{height},{width})"
-    for key, value in model_metadata(detector).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    return save_atomic(model, out)
+    return clean_graph(onnx.load_from_string(buffer.getvalue()))
+
+
+def _join(first, second):
+    """The two stages as one graph, joined at STAGE_CUT (their tensors, and the head's nodes,
+    prefixed apart: the two traces name them alike)."""
+    import onnx.compose
+    import onnx.helper
+
+    keep = {"rename_inputs": False, "rename_outputs": False}
+    first = onnx.compose.add_prefix(first, "features/", rename_nodes=False, **keep)  # /extractor/... kept
+    second = onnx.compose.add_prefix(second, "head", **keep)  # head/Sub, ...
+    model = onnx.compose.merge_models(first, second, io_map=[(STAGE_CUT, STAGE_CUT)],
+                                      producer_name="gaikan", producer_version=gaikan.__version__)
+    opsets = {op.domain: op.version for op in model.opset_import}  # merge lists each domain twice
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    return model
+
+
+class Stages(NamedTuple):
+    """A two-stage graph cut at STAGE_CUT: serialised ONNX models and the file's metadata."""
+
+    features: bytes  # image -> embedding
+    head: bytes  # embedding -> score, anomaly_map
+    metadata: dict[str, str]
+
+
+def split_stages(path) -> Stages | None:
+    """An exported model's two stages as separate ONNX models, or None for a one-stage graph."""
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(str(path))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if metadata.get("stage_cut") != STAGE_CUT:
+        return None
+    extractor = onnx.utils.Extractor(model)
+    first = extractor.extract_model([INPUT_NAME], [STAGE_CUT])
+    second = extractor.extract_model([STAGE_CUT], list(OUTPUT_NAMES))
+    return Stages(first.SerializeToString(), second.SerializeToString(), metadata)
 
 
 def read_metadata(path) -> dict[str, str]:

@@ -91,7 +91,7 @@ class ServedModel:
         self.backend = backend
         self.runtime = backend.runtime
         self.runtime_note = runtime_note
-        self.batcher = MicroBatcher(backend.run, workers=backend.workers, max_batch=max_batch,
+        self.batcher = MicroBatcher(backend.stages, workers=backend.workers, max_batch=max_batch,
                                     max_wait_ms=max_wait_ms, name=name,
                                     on_batch=None if on_batch is None else (lambda n, ms: on_batch(name, n, ms)))
         self.drift = None
@@ -194,7 +194,8 @@ def load_served_model(name: str, model_dir, *, cache_dir, runtime: str = "auto",
             threads = max(1, available_cores() // workers)
             backend = OnnxBackend(path, workers=workers, threads=threads)
             _check_onnx_agrees(detector, backend)
-            note = f"onnxruntime, {workers} workers x {threads} thread{'s' if threads > 1 else ''} ({path.name})"
+            note = (f"onnxruntime, {workers} workers x {threads} thread{'s' if threads > 1 else ''}"
+                    f"{', features and head batched apart' if len(backend.stages) > 1 else ''} ({path.name})")
         except (GaikanError, ImportError) as exc:
             if runtime == "onnx":
                 raise GaikanError(f"model {name} ({model_dir}) cannot run in onnxruntime: {exc}") from None
