@@ -61,6 +61,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "patchcore image_size=320": ("patchcore", {"image_size": 320}),
     "patchcore coreset_fraction=0.1": ("patchcore", {"coreset_fraction": 0.1}),
     "patch-metric": ("patch-metric", {}),
+    "patch-metric coreset_fraction=0.02": ("patch-metric", {"coreset_fraction": 0.02}),
     "auto": ("auto", {}),
 }
 ELPV = {"elpv-mono": "elpv:mono", "elpv-poly": "elpv:poly"}
