@@ -54,6 +54,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "padim backbone=lite1": ("padim", {"backbone": "lite1"}),
     "padim backbone=lite2": ("padim", {"backbone": "lite2"}),
     "patchcore stages=1,2,4": ("patchcore", {"stages": (1, 2, 4)}),
+    "patchcore stages=1,2,4 coreset_fraction=0.01": ("patchcore", {"stages": (1, 2, 4), "coreset_fraction": 0.01}),
+    "patchcore stages=1,2,4 coreset_fraction=0.005": ("patchcore", {"stages": (1, 2, 4), "coreset_fraction": 0.005}),
     "patchcore stages=1,2": ("patchcore", {"stages": (1, 2)}),
     "patchcore stages=2,3": ("patchcore", {"stages": (2, 3)}),
     "patchcore backbone=lite1": ("patchcore", {"backbone": "lite1"}),

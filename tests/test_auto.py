@@ -69,6 +69,17 @@ def test_candidates_past_the_time_budget_are_skipped_and_say_so(defect_split):
     assert selection.chosen == "strong"
 
 
+def test_the_budget_keeps_room_for_the_costliest_final_fit_that_may_win(defect_split):
+    """A candidate whose final fit is costly (final_cost) makes the reserve grow: a later candidate
+    that fits beside a default-cost final fit is skipped beside a costly one."""
+    cheap = Candidate("cheap", "padim", {"image_size": 96, "n_features": 20}, cost=0.5)
+    for final_cost, ran in ((1.0, True), (3.5, False)):
+        first = Candidate("first", "padim", {"image_size": 96, "n_features": 40}, final_cost=final_cost)
+        _, selection = select_detector(defect_split.train.images, grid=(first, cheap), budget=5)
+        rows = {r.label: r for r in selection.rows}
+        assert (rows["cheap"].status == "ok") is ran, (final_cost, rows["cheap"].status)
+
+
 def test_cli_fit_auto_saves_the_chosen_detector_with_its_table(defect_split, tmp_path):
     from typer.testing import CliRunner
     from PIL import Image
@@ -140,6 +151,34 @@ def test_the_tap_cache_gives_the_same_scores_and_runs_the_backbone_once(defect_s
         features.prepare_batch = real
     assert sum(calls) == n_first  # the second detector ran no backbone pass
     np.testing.assert_array_equal(cached, plain)
+
+
+def test_cached_taps_serve_other_batches_of_the_same_images_and_add_false_adds_nothing(defect_split):
+    """The cache is per image: the winner's final fit (other images in other batches, some never
+    seen) runs the backbone only on the new ones and scores like an uncached fit."""
+    from gaikan.backbones import features
+    from gaikan.backbones.features import tap_cache
+    from gaikan.detectors.patchcore import PatchCore
+
+    images, test = defect_split.train.images[:16], defect_split.test.images[:6]
+    later = images[::-1][:10] + defect_split.train.images[16:20]  # 10 seen (reversed), 4 new
+    plain = PatchCore(image_size=64).fit(later, validation_fraction=0, calibrate=False).score(test).scores
+    calls = []
+    real = features.prepare_batch
+    features.prepare_batch = lambda imgs, size: calls.append(len(imgs)) or real(imgs, size)
+    try:
+        with tap_cache():
+            PatchCore(image_size=64, stages=(1, 2, 4)).fit(images, validation_fraction=0)
+            calls.clear()
+            with tap_cache(add=False):
+                cached = PatchCore(image_size=64).fit(later, validation_fraction=0, calibrate=False).score(test).scores
+            assert sum(calls) == 4 + 6  # the 4 new training images and the test images
+            calls.clear()
+            PatchCore(image_size=64).fit(later, validation_fraction=0, calibrate=False)
+            assert sum(calls) == 4  # add=False kept them out: they run again
+    finally:
+        features.prepare_batch = real
+    np.testing.assert_allclose(cached, plain, rtol=1e-5)
 
 
 def test_the_auroc_standard_error_matches_the_spread_of_auroc_over_repeated_check_sets():

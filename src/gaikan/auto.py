@@ -20,9 +20,10 @@ A quality engineer has good images and no defects to tune on. The selection make
 The selection sees only the images it is given (the training part of a split), never a test split.
 Time is bounded: the selection uses at most ``MAX_SELECTION_IMAGES`` goods (a seeded subset), the
 candidates run in the grid's order, and one whose estimated cost would take the selection past
-``budget`` - ``FINAL_RESERVE`` full default fits is skipped, and so marked (a full fit is estimated
+``budget`` - ``FINAL_RESERVE`` final fits is skipped, and so marked (a full fit is estimated
 as the first candidate's measured selection seconds times the ratio of the good images to the images
-a selection run processes: its fit part and its check set).
+a selection run processes: its fit part and its check set; the reserve is for the costliest final
+fit among the candidates run so far and this one, ``Candidate.final_cost`` full fits each).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Candidate:
     detector: str
     settings: dict = field(default_factory=dict)
     cost: float = 1.0
+    #: its final fit on all the training images, in default PatchCore fits (for the budget's reserve)
+    final_cost: float = 1.0
 
     def make(self, overrides: dict | None = None) -> Detector:
         return get_detector_class(self.detector)(**{**self.settings, **(overrides or {})})
@@ -67,12 +70,14 @@ class Candidate:
 
 #: the default grid, chosen on bench/surfaces.py (docs/auto.md): the defaults of the two detectors,
 #: stride-4 features (small defects) and the larger Lite1 backbone (textured parts such as ELPV poly).
-#: Stride 4 has 4x the patches of the default stride 8, so it keeps 1% of them (not the default 2%):
-#: a bank twice the default's rather than four times, as when it was measured. The order is the
+#: Stride 4 has 4x the patches of the default stride 8, so it keeps 0.5% of them (not the default 2%):
+#: a bank the size of the default's (at 1%, twice the default's, it scored lower on the surfaces where
+#: auto chooses it, bench/results/surfaces.md, and its final fit alone took auto past 5x). The order is the
 #: tie-break (``choose``): PatchCore (surfaces mean 0.915) and its variants before PaDiM (0.880).
 DEFAULT_GRID: tuple[Candidate, ...] = (
     Candidate("patchcore", "patchcore", {}, 1.0),
-    Candidate("patchcore[stages=1,2,4]", "patchcore", {"stages": (1, 2, 4), "coreset_fraction": 0.01}, 1.0),
+    # final fit 1.6x a default one: 3.7 vs 2.3 s on the surfaces (cached backbone passes, 2026-12-01)
+    Candidate("patchcore[stages=1,2,4]", "patchcore", {"stages": (1, 2, 4), "coreset_fraction": 0.005}, 1.0, 1.6),
     Candidate("patchcore[backbone=lite1]", "patchcore", {"backbone": "lite1"}, 1.5),
     Candidate("padim", "padim", {}, 0.4),
 )
@@ -204,11 +209,13 @@ def _run_grid(grid, overrides, fit_images, check, check_labels, check_masks, bud
     rows: list[SelectionRow] = []
     n_synthetic = len(check_masks)
     unit = None  # seconds of the first candidate, per unit of cost
+    final = 0.0  # the costliest final fit of the candidates run so far (full fits)
     for cand in track(grid, "auto: candidates"):
         row = SelectionRow(cand.label, cand.detector, {**cand.settings, **(overrides or {})})
         spent = time.perf_counter() - start
-        # room for this candidate, and FINAL_RESERVE units kept for the winner's final fit
-        if unit is not None and spent + unit * cand.cost > (budget - FINAL_RESERVE) * scale * unit:
+        # room for this candidate, and FINAL_RESERVE x the final fit of whichever may win kept for it
+        reserve = FINAL_RESERVE * max(final, cand.final_cost)
+        if unit is not None and spent + unit * cand.cost > (budget - reserve) * scale * unit:
             row.status = f"skipped: time budget ({budget:g}x the default's selection cost)"
             rows.append(row)
             continue
@@ -223,6 +230,7 @@ def _run_grid(grid, overrides, fit_images, check, check_labels, check_masks, bud
         row.seconds = round(time.perf_counter() - t0, 2)
         if unit is None:
             unit = max(row.seconds / max(cand.cost, 1e-6), 1e-3)
+        final = max(final, cand.final_cost)
         rows.append(row)
         if progress is not None:
             progress(row)

@@ -90,14 +90,17 @@ def fit_auto(split: DataSplit, *, holdout: float = 0.3, budget: float = 5.0, see
     """``--detector auto``: select a detector and settings on the split's training images only
     (gaikan.auto), then fit the winner like any detector; the table goes into ``fit_info_``."""
     from gaikan.auto import DEFAULT_GRID, select_detector
+    from gaikan.backbones.features import tap_cache
 
     train = split.train
     keep = np.flatnonzero(train.labels >= 0)
-    det, selection = select_detector([train.images[i] for i in keep], train.labels[keep],
-                                     grid=grid or DEFAULT_GRID, holdout=holdout, budget=budget, seed=seed,
-                                     overrides=overrides, progress=progress)
-    fit_detector(det, split, validation_fraction=validation_fraction, threshold_method=threshold_method,
-                 false_alarm_rate=false_alarm_rate)
+    with tap_cache():  # the final fit reuses the selection's backbone passes (same images, same size)
+        det, selection = select_detector([train.images[i] for i in keep], train.labels[keep],
+                                         grid=grid or DEFAULT_GRID, holdout=holdout, budget=budget, seed=seed,
+                                         overrides=overrides, progress=progress)
+        with tap_cache(add=False):
+            fit_detector(det, split, validation_fraction=validation_fraction, threshold_method=threshold_method,
+                         false_alarm_rate=false_alarm_rate)
     det.fit_info_["selection"] = selection.to_dict()
     return det
 

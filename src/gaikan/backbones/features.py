@@ -111,39 +111,51 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
 
 
 _TAP_CACHE: dict | None = None
+_TAP_ADD = True
 
 
 @contextmanager
-def tap_cache():
-    """While active, ``tap_features`` remembers the backbone's taps per batch of images (by the images'
-    identity, the backbone and the size): detectors that share a backbone and a working size -- the
-    candidates of ``--detector auto`` -- then run it once per image, whatever stages each one taps."""
-    global _TAP_CACHE
-    outer = _TAP_CACHE
+def tap_cache(*, add: bool = True):
+    """While active, ``tap_features`` remembers the backbone's taps per image (by the image's identity,
+    the backbone and the size): detectors that share a backbone and a working size -- the candidates
+    of ``--detector auto``, then the winner's final fit -- run it once per image, whatever stages each
+    one taps and however the images fall into batches. Nested, it shares the outer cache; ``add``
+    False reads it without adding to it (the final fit: its images beyond the selection's are not
+    needed again)."""
+    global _TAP_CACHE, _TAP_ADD
+    outer, outer_add = _TAP_CACHE, _TAP_ADD
     _TAP_CACHE = {} if outer is None else outer
+    _TAP_ADD = add
     try:
         yield
     finally:
-        _TAP_CACHE = outer
+        _TAP_CACHE, _TAP_ADD = outer, outer_add
 
 
 def tap_features(extractor: "FeatureExtractor", images: Sequence[np.ndarray],
                  size: tuple[int, int]) -> list[torch.Tensor]:
-    """``extractor(prepare_batch(images, size))`` under inference mode, from the cache when
-    ``tap_cache`` is active and these very images went through the same backbone at this size."""
+    """``extractor(prepare_batch(images, size))`` under inference mode; under ``tap_cache``, the
+    images that went through the same backbone at this size come from the cache and only the others
+    run (as one batch)."""
     if _TAP_CACHE is None:
         with torch.inference_mode():
             return extractor(prepare_batch(images, size))
-    key = (extractor.backbone, tuple(size), tuple(id(img) for img in images))
-    entry = _TAP_CACHE.get(key)
-    if entry is None or not set(extractor.stages) <= set(entry[0]):
-        with torch.inference_mode():
-            taps = extractor.all_taps(prepare_batch(images, size))  # every stage: later callers may want others
-        if entry is not None:
-            taps = {**entry[0], **taps}
-        # the images are kept referenced, so their ids stay theirs while the entry lives
-        _TAP_CACHE[key] = entry = (taps, list(images))
-    return [entry[0][s] for s in extractor.stages]
+    base = (extractor.backbone, tuple(size))
+    wanted = set(extractor.stages)
+    entries = [_TAP_CACHE.get((*base, id(img))) for img in images]
+    missing = [i for i, e in enumerate(entries) if e is None or not wanted <= set(e[0])]
+    if missing:
+        with torch.inference_mode():  # every stage: later callers may want others
+            taps = extractor.all_taps(prepare_batch([images[i] for i in missing], size))
+        for j, i in enumerate(missing):
+            mine = {s: t[j:j + 1] for s, t in taps.items()}
+            # the image is kept referenced, so its id stays its own while the entry lives
+            entries[i] = ({**entries[i][0], **mine} if entries[i] is not None else mine, images[i])
+            if _TAP_ADD:
+                _TAP_CACHE[(*base, id(images[i]))] = entries[i]
+        if len(missing) == len(images):
+            return [taps[s] for s in extractor.stages]
+    return [torch.cat([e[0][s] for e in entries]) for s in extractor.stages]
 
 
 def prepare_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
