@@ -499,7 +499,8 @@ def serve(
     runtime: str = typer.Option("auto", "--runtime",
                                 help="auto: onnxruntime where the model exports, torch otherwise; onnx; torch."),
     workers: int = typer.Option(0, "--workers", help="Scoring threads per model (0: one per core; torch: 1)."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests scored together in one batch."),
+    max_batch: int = typer.Option(0, "--max-batch", help="Most requests scored together in one batch "
+                                  "(0 = the model's own: 8 where batches pay (PaDiM's head), else 2)."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms",
                                       help="How long a worker waits for a batch to fill while more requests "
                                            "are arriving (a lone request never waits)."),

@@ -55,13 +55,32 @@ def test_onnxruntime_is_the_default_and_scores_like_torch(service_model, tmp_pat
         with TestClient(create_app(service_model, tmp_path / runtime, KEY, runtime=runtime)) as c:
             info = c.get("/v1/models/default", headers=H).json()
             results[info["runtime"]] = [post(c, d).json() for d in images]
-            # PaDiM's graph has a stage cut: its features and its head are batched apart
+            # PaDiM's graph has a stage cut: its features and its head are batched apart, and the head
+            # (memory-bound) gets the large batches
             assert ("batched apart" in info["runtime_note"]) == (runtime == "auto"), info["runtime_note"]
+            assert info["max_batch"] == 8
     assert set(results) == {"onnx", "torch"}
     for runtime, answers in results.items():
         np.testing.assert_allclose([a["score"] for a in answers], expected, rtol=1e-4, err_msg=runtime)
         assert [a["verdict"] for a in answers] == ["OK"] * 3 + ["NG"] * 3
     assert (tmp_path / "auto" / "onnx").is_dir() and not (tmp_path / "torch" / "onnx").exists()
+
+
+def test_a_one_stage_graph_gets_small_batches_unless_told(tmp_path, service_split):
+    """PatchCore's graph has no stage cut and costs the same per image at any batch size: its own max
+    batch is 2 (shorter waits), and --max-batch still sets it."""
+    from gaikan.detectors.patchcore import PatchCore
+
+    det = PatchCore(image_size=64, coreset_fraction=0.1)
+    det.fit(service_split.train.images, validation_fraction=0.2)
+    det.save(tmp_path / "pc")
+    for asked, expected in ((0, 2), (6, 6)):
+        service = InspectionService(tmp_path / "pc", tmp_path / f"d{asked}", max_batch=asked)
+        try:
+            served = service.registry.get("default")
+            assert served.runtime == "onnx" and served.batcher.max_batch == expected
+        finally:
+            service.close()
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_score(service_model, tmp_path, uploads):

@@ -142,9 +142,9 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
 
 
 def _stage(owner, method: str):
-    """``owner.method`` as a module of its own, for the tracer. It holds the owner's submodules and
-    buffers under their own names, so the nodes are named as in a trace of the owner
-    (``/extractor/...``: ``gaikan.export.quantize`` finds the backbone by that name)."""
+    """``owner.method`` as a module of its own, for the tracer. It holds the owner's submodules under
+    their own names, so their nodes are named as in a trace of the owner (``/extractor/...``:
+    ``gaikan.export.quantize`` finds the backbone by that name); the owner's buffers become constants."""
     import torch
 
     class Stage(torch.nn.Module):

@@ -140,7 +140,7 @@ class InspectionService:
     """
 
     def __init__(self, models, data_dir, *, max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "auto",
-                 workers: int = 0, max_batch: int = 8, max_wait_ms: float = 2.0, figures: str = "lazy",
+                 workers: int = 0, max_batch: int = 0, max_wait_ms: float = 2.0, figures: str = "lazy",
                  drift: dict | None = None, db: str | None = None):
         from gaikan.errors import SettingsError
         from gaikan.service.models import ModelRegistry, load_served_model
@@ -373,7 +373,7 @@ def inspection_json(row) -> dict:
 def create_app(model_dir, data_dir, api_key=None, *, no_auth: bool = False,
                host: str = "127.0.0.1", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "auto", workers: int = 0,
-               max_batch: int = 8, max_wait_ms: float = 2.0, figures: str = "lazy", drift: dict | None = None,
+               max_batch: int = 0, max_wait_ms: float = 2.0, figures: str = "lazy", drift: dict | None = None,
                db: str | None = None):
     """Build the FastAPI app: loads the model(s) (once) and opens the log (``db``, else SQLite in ``data_dir``).
 

@@ -174,7 +174,7 @@ def _check_onnx_agrees(detector, backend: OnnxBackend) -> None:
 
 
 def load_served_model(name: str, model_dir, *, cache_dir, runtime: str = "auto", workers: int = 0,
-                      max_batch: int = 8, max_wait_ms: float = 2.0, drift_settings: dict | None = None,
+                      max_batch: int = 0, max_wait_ms: float = 2.0, drift_settings: dict | None = None,
                       on_batch=None) -> ServedModel:
     """Load ``model_dir`` under ``name`` with the chosen runtime (see the module docstring)."""
     from gaikan.detectors.base import load_detector
@@ -203,7 +203,7 @@ def load_served_model(name: str, model_dir, *, cache_dir, runtime: str = "auto",
     if backend is None:
         backend = TorchBackend(detector)
         note = note or "torch (as asked)"
-    served = ServedModel(name, model_dir, manifest, detector, backend, note, max_batch=max_batch,
+    served = ServedModel(name, model_dir, manifest, detector, backend, note, max_batch=max_batch or backend.max_batch,
                          max_wait_ms=max_wait_ms, drift_settings=drift_settings, on_batch=on_batch)
     return served
 

@@ -43,6 +43,12 @@ import numpy as np
 from gaikan.errors import GaikanError, SettingsError
 
 RUNTIMES = ("auto", "onnx", "torch")
+#: a backend's own max batch (``--max-batch 0``). A staged graph's head reads its matrices once per
+#: batch, so large batches pay. A one-stage graph (PatchCore, patch-metric) costs the same per image
+#: at batch 1 and 8, and small batches shorten the wait of a request that just missed one. PatchCore
+#: at 8 clients, idle: p99 288-320 ms at max batch 8, 203 ms at 2, same throughput (0.65-0.67x raw).
+STAGED_MAX_BATCH = 8
+ONE_STAGE_MAX_BATCH = 2
 
 
 def available_cores() -> int:
@@ -84,6 +90,7 @@ class OnnxBackend:
             self.scorer = EdgeScorer(onnx_path, threads=self.threads, batch_size=1, spin=False)
             self.input_size = self.scorer.input_size
             self.stages: tuple[Callable, ...] = (self.run,)
+            self.max_batch = ONE_STAGE_MAX_BATCH
             return
         self.input_size = tuple(int(v) for v in json.loads(parts.metadata["input_size"]))
         features = onnx_session(parts.features, self.threads, spin=False)
@@ -100,6 +107,7 @@ class OnnxBackend:
 
         self.scorer = None
         self.stages = (embed, score_embedding)
+        self.max_batch = STAGED_MAX_BATCH
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         from gaikan.data.images import prepare_image
@@ -120,6 +128,7 @@ class TorchBackend:
 
     runtime = "torch"
     workers = 1
+    max_batch = STAGED_MAX_BATCH  # one worker: batches are its only parallelism
 
     def __init__(self, detector):
         self.detector = detector
@@ -175,10 +184,6 @@ class MicroBatcher:
                          for i in range(self.workers)]
         for t in self._threads:
             t.start()
-
-    @property
-    def stages(self) -> int:
-        return len(self._stages)
 
     # ---- producer side --------------------------------------------------------------------------
     def announce(self) -> None:
