@@ -52,6 +52,9 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map")
 #: the tensor joining a two-stage graph's feature stage to its head (PaDiM: the (N, P, d) embeddings)
 STAGE_CUT = "embedding"
+#: the exporter's revision, for caches of exported files (``gaikan serve``): raised when the graphs
+#: it writes change in layout though the format stays readable (2: PaDiM's stage cut)
+EXPORT_REVISION = 2
 INPUT_FORMAT = "float32 NCHW RGB in [0, 1] at input_size (resized with Pillow bilinear, mode F)"
 
 

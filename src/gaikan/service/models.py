@@ -3,7 +3,7 @@ and its drift monitor, and swapped for a new version without dropping a request.
 
 Loading (``load_served_model``): the saved model is read (``gaikan.io.model_io``, checksums and
 all); with runtime ``auto`` (the default) or ``onnx`` it is exported to ONNX once and cached under
-``CACHE_DIR/<tensor sha256>-<gaikan version>.onnx`` (the service's ``DATA_DIR/onnx``), then the
+``CACHE_DIR/<tensor sha256>-<gaikan version>-x<export revision>.onnx`` (the service's ``DATA_DIR/onnx``), then the
 exported graph is checked against the torch detector on a probe image (relative difference of the
 scores <= 1e-3) before it is used. ``auto`` falls back to torch, with the reason in
 ``ServedModel.runtime_note``, when the model does not export (tiled models, metric-learning
@@ -145,10 +145,10 @@ _EXPORTED: dict[str, Path] = {}  # this process's exports, by file name (reused 
 def _export_cached(detector, manifest, cache_dir: Path) -> Path:
     import shutil
 
-    from gaikan.export.onnx_export import export_onnx
+    from gaikan.export.onnx_export import EXPORT_REVISION, export_onnx
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{manifest['tensors']['sha256']}-{gaikan.__version__}.onnx"
+    name = f"{manifest['tensors']['sha256']}-{gaikan.__version__}-x{EXPORT_REVISION}.onnx"
     path = cache_dir / name
     if not path.is_file():
         earlier = _EXPORTED.get(name)
