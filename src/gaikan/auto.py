@@ -47,7 +47,8 @@ DEFECT_SCALES = (0.3, 0.5, 0.8)
 #: the selection works on at most this many good images (a seeded subset): enough to rank the
 #: candidates, and the selection's cost stays bounded however many images the final fit gets
 MAX_SELECTION_IMAGES = 160
-#: share of the budget kept for the final fit of the winner on all training images
+#: the budget kept for the winner's final fit on all training images: this many times the costliest
+#: ``Candidate.final_cost`` of the candidates that may still win (in default fits)
 FINAL_RESERVE = 1.2
 
 
@@ -76,7 +77,8 @@ class Candidate:
 #: tie-break (``choose``): PatchCore (surfaces mean 0.915) and its variants before PaDiM (0.880).
 DEFAULT_GRID: tuple[Candidate, ...] = (
     Candidate("patchcore", "patchcore", {}, 1.0),
-    # final fit 1.6x a default one: 3.7 vs 2.3 s on the surfaces (cached backbone passes, 2026-12-01)
+    # final fit about 1.6x a default one: 3.7 vs 2.3 s on the paper surface, check set's making
+    # included (cached backbone passes, 2026-12-01)
     Candidate("patchcore[stages=1,2,4]", "patchcore", {"stages": (1, 2, 4), "coreset_fraction": 0.005}, 1.0, 1.6),
     Candidate("patchcore[backbone=lite1]", "patchcore", {"backbone": "lite1"}, 1.5),
     Candidate("padim", "padim", {}, 0.4),
