@@ -90,14 +90,14 @@ PATCH_VARIANTS = [  # (protocol, variant)
 PROTOCOLS = ("good-only", "split_sup")
 
 
-def cached_extractor(extractor, stages):
+def cached_extractor(extractor, stages, backbone: str = "lite0"):
     """Wrap a FeatureExtractor so that each image's taps are computed once (memory + disk cache)."""
     import hashlib
 
     import numpy as np
     import torch
 
-    key = "-".join(str(s) for s in stages)
+    key = "-".join(str(s) for s in stages) + ("" if backbone == "lite0" else f"-{backbone}")
     folder = CACHE_DIR / key
     folder.mkdir(parents=True, exist_ok=True)
     memo: dict = cached_extractor.__dict__.setdefault("memo", {})
@@ -144,7 +144,8 @@ def attach_cache(det) -> None:
         from gaikan.backbones.features import FeatureExtractor
 
         stages = tuple(det.stages) if hasattr(det, "stages") else (det.stage,)
-        det._extractor = cached_extractor(FeatureExtractor(stages), stages)
+        backbone = getattr(det, "backbone", "lite0")
+        det._extractor = cached_extractor(FeatureExtractor(stages, backbone), stages, backbone)
 
 
 def run_patch_variant(spec: str, protocol: str, label: str, latency_images: int) -> dict:
@@ -185,6 +186,8 @@ def run_patch_variant(spec: str, protocol: str, label: str, latency_images: int)
                    n_train_defective=int(det.fit_info_.get("n_train_defective", 0)), n_test=int(out["n_images"]),
                    fit_parts={k: round(v, 2) for k, v in getattr(det, "fit_seconds_", {}).items()},
                    history={k: [round(x, 5) for x in v] for k, v in (getattr(det, "history_", None) or {}).items()})
+        if "fusion" in det.fit_info_:  # patch-metric's supervised head: the distance's weight and its CV
+            row["fusion"] = det.fit_info_["fusion"]
         if latency_images:
             row["latency_ms"] = round(_latency_ms(det, split.test.images, latency_images), 2)
     except GaikanError as exc:
@@ -205,7 +208,10 @@ def write_patch_markdown(payload: dict) -> None:
         "fit s and ms/image with the torch threads and under the 1-minute load average of each row (columns "
         "threads / load; rows without them: 1 thread, load average 15-33 from other jobs): seconds compare "
         "within rows of equal threads and similar load only. Backbone features are cached across the variants of one type "
-        "(bench/.work/features): the first variant to see an image pays its backbone pass, later ones read it.",
+        "(bench/.work/features): the first variant to see an image pays its backbone pass, later ones read it. "
+        "supervised head: patch-metric's head on the labelled defect cells (docs/patch_metric.md), with the "
+        "distance's weight its cross-validation chose; rows marked 'none (before it)' were fitted before the head "
+        "existed (it is trained by default whenever defective cells are given).",
         "",
     ]
     for data in sorted({r["data"] for r in payload["results"].values()}):
@@ -216,16 +222,18 @@ def write_patch_markdown(payload: dict) -> None:
                                  r["label"]))
         lines += [f"## {data}", "",
                   "| protocol | variant | image AUROC | accuracy | fit s | ms/image | train (defective) | test rows "
-                  "| threads | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| threads | load | supervised head |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("error"):
-                lines.append(f"| {r['protocol']} | {r['label']} | failed: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['protocol']} | {r['label']} | failed: {r['error']} | | | | | | | | |")
                 continue
+            head = (f"yes, distance weight {r['fusion']['distance_weight']}" if "fusion" in r
+                    else r.get("head_note", ""))
             lines.append(f"| {r['protocol']} | {r['label']} | {fmt(r['image_auroc'])} | {fmt(r['accuracy'], 3)} | "
                          f"{fmt(r['fit_seconds'], 1)} | {fmt(r['ms_per_image'], 1)} | "
                          f"{r['n_train']} ({r.get('n_train_defective', 0)}) | {r['n_test']} | "
-                         f"{r.get('threads', 1)} | {r.get('loadavg', '15-33')} |")
+                         f"{r.get('threads', 1)} | {r.get('loadavg', '15-33')} | {head} |")
         lines.append("")
     PATCH_MD.write_text("\n".join(lines))
 

@@ -23,5 +23,6 @@ VARIANTS.update({
     "patchcore[backbone=lite2]": ("patchcore", dict(image_size=96, backbone="lite2", coreset_fraction=0.1)),
     # the memory selected on a pre-sample (fewer than the training patches: 12 x 12 per image)
     "patch-metric[coreset_sample=1000]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], coreset_sample=1000)),
+    "patch-metric[backbone=lite2]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], backbone="lite2")),
 })
 

@@ -139,3 +139,54 @@ def test_onnx_export_gives_the_torch_scores(small_task, options, tmp_path):
     np.testing.assert_allclose(scores, torch_result.scores, rtol=1e-4, atol=0)
     span = float(torch_result.maps.max() - torch_result.maps.min())
     np.testing.assert_allclose(maps, torch_result.maps, rtol=0, atol=1e-4 * max(span, 1.0))
+
+
+def _with_labelled_defects(task, n=6):
+    """Training goods + the first n test defects (labelled); the rest of the test split to evaluate."""
+    test = task.test
+    defect_idx = [i for i, lab in enumerate(test.labels) if lab == 1]
+    given = defect_idx[:n]
+    images = task.train.images + [test.images[i] for i in given]
+    labels = np.r_[np.zeros(len(task.train), np.int64), np.ones(n, np.int64)]
+    keep = [i for i in range(len(test)) if i not in given]
+    return images, labels, [test.images[i] for i in keep], test.labels[keep]
+
+
+def test_supervised_head_is_trained_on_labelled_defects_and_ranks_the_unseen_ones(small_task, tmp_path):
+    images, labels, eval_images, eval_labels = _with_labelled_defects(small_task)
+    det = PatchMetric(**SMALL, head_steps=200).fit(images, labels)
+    assert det.train_info_["head"] == "trained"
+    fusion = det.train_info_["fusion"]
+    assert fusion["chosen_by"] == "2-fold cross-validation"
+    cv = fusion["cv_auroc"]
+    assert len(cv) == 11 and cv[str(fusion["distance_weight"])] == max(cv.values())
+    assert 0.0 <= fusion["distance_weight"] <= 1.0
+    result = det.score(eval_images)
+    assert image_auroc(eval_labels, result.scores) >= 0.9
+    assert result.maps.shape == (len(eval_images), 64, 64)
+    # the head alone separates the unseen defects: it learnt patch-level evidence from 6 images
+    z = det._standardise(det.patch_features(eval_images))
+    assert image_auroc(eval_labels, det._head_scores(det.head_, z)) >= 0.8
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    np.testing.assert_array_equal(again.score(eval_images[:5]).scores, result.scores[:5])
+    assert again.head_ is not None and torch.equal(again.fusion_, det.fusion_)
+    assert again.fit_info_["head"] == "trained" and again.fit_info_["fusion"] == fusion  # the manifest says so
+    # without a head (head=none) the same data give the plain distance
+    plain = PatchMetric(**SMALL, head="none").fit(images, labels)
+    assert plain.head_ is None and plain.train_info_["head"].startswith("none")
+
+
+def test_onnx_export_with_the_supervised_head_gives_the_torch_scores(small_task, tmp_path):
+    from gaikan.edge import EdgeScorer
+    from gaikan.export.onnx_export import export_onnx
+
+    images, labels, eval_images, _ = _with_labelled_defects(small_task)
+    det = PatchMetric(**{**SMALL, "epochs": 2}, head_steps=100).fit(images, labels)
+    assert det.head_ is not None
+    path = export_onnx(det, tmp_path / "pm.onnx")
+    torch_result = det.score(eval_images[:6])
+    scores, maps = EdgeScorer(path, batch_size=4).score(eval_images[:6])
+    np.testing.assert_allclose(scores, torch_result.scores, rtol=1e-4, atol=1e-4)
+    span = float(torch_result.maps.max() - torch_result.maps.min())
+    np.testing.assert_allclose(maps, torch_result.maps, rtol=0, atol=1e-4 * max(span, 1.0))

@@ -43,6 +43,17 @@ memory, reduced by PatchCore's greedy k-center coreset (``greedy_coreset``) to `
 a patch scores its Euclidean distance to the nearest memory entry (``MemoryBank``), or with
 ``scoring="centres"`` its distance to the adapted mean good patch of its own position. The grid is
 upsampled to the working size and smoothed (Gaussian, sigma 4) as PatchCore's; image score = max.
+
+Supervised head (``head="auto"``, trained only when labelled defective images are given, e.g. the
+``split_sup`` rows; after DevNet / DRA, which learn from a few labelled anomalies): a per-patch MLP g
+(D -> head_hidden -> 1, on the standardised features z) trained with binary cross-entropy on image
+labels, an image's logit being the mean of its k highest patch logits (k = ``defect_patches`` x P,
+multiple-instance pooling: no masks are needed). Its score is fused with the distance:
+    score = w (s_d - m_d) / sd_d + (1 - w) (s_h - m_h) / sd_h
+each part standardised on held-out good images (the adaptor's validation goods, kept out of the
+memory and of the head's training), w in {0, 0.1, .., 1} chosen by 2-fold cross-validation over the
+defective images (AUROC of the held-out fold against the held-out goods). The map is the same
+combination of the two patch grids, upsampled and smoothed.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaikan.backbones.features import STAGE_CHANNELS, FeatureExtractor, normalise, prepare_batch
+from gaikan.backbones.features import BACKBONES, FeatureExtractor, normalise, prepare_batch, stage_channels
 from gaikan.data.images import prepare_image
 from gaikan.detectors.base import Detector, ScoreResult, check_images, register
 from gaikan.detectors.maps import gaussian_blur, upsample
@@ -73,6 +84,9 @@ ANCHORS = ("random", "mean")
 POSITIVES = ("position", "neighbour")
 NEGATIVES = ("auto", "synthetic", "real", "both", "noise")
 SCORINGS = ("memory", "centres")
+HEADS = ("auto", "none")
+#: the fusion weights of the distance tried by the head's cross-validation
+FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 #: a synthetic-defect patch is a negative when its mask covers at least this share of its grid cell
 MASK_COVERAGE = 0.05
 #: good patches in the pool that neighbour-mode tuples are drawn from, per step
@@ -129,7 +143,8 @@ class PatchMetric(Detector):
     """Patch-level metric learning on frozen EfficientNet-Lite0 features (module docstring).
 
     Settings:
-        image_size: working size in pixels; stages: backbone taps (as PatchCore: 2 = stride 8, 4 = stride 16).
+        image_size: working size in pixels; backbone: lite0 | lite1 | lite2 (EfficientNet-Lite);
+            stages: backbone taps (as PatchCore: 2 = stride 8, 4 = stride 16).
         embedding_dim: E, the adaptor's output (0 = D, the feature size); hidden: width of the residual
             branch (0 = a linear adaptor).
         loss: contrastive | triplet | hypersphere; distance: euclidean | cosine (triplet only);
@@ -147,6 +162,8 @@ class PatchMetric(Detector):
             1% of the adapted patches on a 128-d projection, exact up to coreset_sample = 524,288
             patches, on a random pre-sample of that many beyond (linear cost). PatchCore's own
             defaults (2%, 16-d, 262,144) scored lower here: docs/patch_metric.md.
+        head: auto (a supervised patch head fused with the distance when labelled defective images
+            are given: module docstring) | none; head_hidden, head_steps: its width and Adam steps.
         sigma: Gaussian smoothing of the map; feature_batch: images per backbone pass; seed.
     """
 
@@ -160,9 +177,13 @@ class PatchMetric(Detector):
                  defect_patches: float = 0.02, epochs: int = 10, steps_per_epoch: int = 50, batch_size: int = 256,
                  lr: float = 1e-3, val_fraction: float = 0.1, scoring: str = "memory",
                  coreset_fraction: float = 0.01, coreset_sample: int = 524288, projection_dim: int = 128,
-                 sigma: float = 4.0,
-                 feature_batch: int = 8, seed: int = 0):
+                 sigma: float = 4.0, backbone: str = "lite0", head: str = "auto", head_hidden: int = 64,
+                 head_steps: int = 600, feature_batch: int = 8, seed: int = 0):
         self.image_size = int(image_size)
+        self.backbone = check_choice(str(backbone), BACKBONES, "backbone")
+        self.head = check_choice(str(head), HEADS, "head")
+        self.head_hidden = int(head_hidden)
+        self.head_steps = int(head_steps)
         self.stages = tuple(int(s) for s in stages)
         self.embedding_dim = int(embedding_dim)
         self.hidden = int(hidden)
@@ -198,6 +219,8 @@ class PatchMetric(Detector):
             raise SettingsError(f"image_size must be at least 32, got {self.image_size}")
         if self.embedding_dim < 0 or self.hidden < 0:
             raise SettingsError("embedding_dim and hidden must be >= 0")
+        if self.head_hidden < 1 or self.head_steps < 1:
+            raise SettingsError("head_hidden and head_steps must be >= 1")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2 or self.feature_batch < 1:
             raise SettingsError("epochs, steps_per_epoch and feature_batch must be >= 1, batch_size >= 2")
         if not 0.0 < self.coreset_fraction <= 1.0:
@@ -232,12 +255,13 @@ class PatchMetric(Detector):
 
     @property
     def feature_dim(self) -> int:
-        return sum(STAGE_CHANNELS[s] for s in self.stages)
+        channels = stage_channels(self.backbone)
+        return sum(channels[s] for s in self.stages)
 
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.stages)
+            self._extractor = FeatureExtractor(self.stages, self.backbone)
         return self._extractor
 
     @property
@@ -292,6 +316,9 @@ class PatchMetric(Detector):
         self.fit_info_["n_train"] += n_real
         self.fit_info_["n_train_defective"] = n_real
         self.fit_info_["negatives"] = self.train_info_["negatives"]
+        self.fit_info_["head"] = self.train_info_["head"]  # in the manifest: what the score is made of
+        if "fusion" in self.train_info_:
+            self.fit_info_["fusion"] = self.train_info_["fusion"]
         return self
 
     def _negative_mode(self, n_given: int) -> str:
@@ -344,6 +371,7 @@ class PatchMetric(Detector):
         # negatives: rows (K, D) standardised, their positions (K,) and source "image" ids for validation
         neg_rows, neg_pos, neg_img = [], [], []
         n_synth = n_real = 0
+        defect_z = None  # all patches of the given defective images, for the supervised head
         if mode in ("synthetic", "both"):
             feats, cover, _ = self._synthetic_negatives(images, rng)
             img_idx, pos_idx = np.nonzero(cover >= MASK_COVERAGE)
@@ -364,6 +392,8 @@ class PatchMetric(Detector):
             neg_pos.append(pos_idx)
             neg_img.append(img_idx + n_synth)
             n_real = len(feats)
+            if self.head == "auto":
+                defect_z = feats
             del feats
         if not neg_rows and self.noise_std <= 0:
             raise SettingsError("no negatives: choose negatives other than 'noise' or set noise_std > 0")
@@ -414,11 +444,20 @@ class PatchMetric(Detector):
                             "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
                             "noise_negatives": self.noise_std > 0}
 
+        # the supervised head (labelled defects given): needs held-out goods to standardise its fusion
+        use_head = defect_z is not None and bool(good_val.any())
+        self.head_ = None
+        self.fusion_ = None
+        self.train_info_["head"] = "trained" if use_head else (
+            "none: no labelled defective images" if defect_z is None or self.head == "none" else
+            "none: too few good images to hold out for its calibration")
+        memory_goods = good[torch.from_numpy(~good_val)] if use_head else good
+
         # the memory: adapted good patches (or the adapted mean patch per position)
         middle = time.perf_counter()
         self.centres_ = self._embed_rows(self.means_)
         if self.scoring == "memory":
-            emb = self._embed_rows(good.reshape(-1, dim))
+            emb = self._embed_rows(memory_goods.reshape(-1, dim))
             index = greedy_coreset(emb, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed,
                                    sample=self.coreset_sample)
             self.bank_ = emb[index].contiguous()
@@ -426,6 +465,86 @@ class PatchMetric(Detector):
             self.bank_ = self.centres_.clone()
         self.fit_seconds_["memory"] = time.perf_counter() - middle
         self._memory = None
+        if use_head:
+            middle = time.perf_counter()
+            self._fit_head(good[torch.from_numpy(~good_val)], good[torch.from_numpy(good_val)], defect_z, rng)
+            self.fit_seconds_["head"] = time.perf_counter() - middle
+
+    # ---- the supervised head ----------------------------------------------------------------------
+    @property
+    def head_k(self) -> int:
+        """Patches pooled into an image's head logit (the defect_patches share of the grid)."""
+        return max(1, int(round(self.defect_patches * self.grid_[0] * self.grid_[1])))
+
+    def _train_head(self, good_z: torch.Tensor, defect_z: torch.Tensor, seed: int) -> nn.Module:
+        """A per-patch MLP, BCE on image labels with top-k pooling; (n, P, D) standardised rows."""
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        head = nn.Sequential(nn.Linear(good_z.shape[-1], self.head_hidden), nn.LeakyReLU(0.2),
+                             nn.Linear(self.head_hidden, 1))
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+        n = min(32, len(good_z), len(defect_z))
+        target = torch.cat([torch.zeros(n), torch.ones(n)])
+        for _ in range(self.head_steps):
+            rows = torch.cat([good_z[torch.from_numpy(rng.integers(0, len(good_z), n))],
+                              defect_z[torch.from_numpy(rng.integers(0, len(defect_z), n))]])
+            logits = head(rows).squeeze(-1).topk(self.head_k, dim=1).values.mean(1)
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head.eval()
+        for p_ in head.parameters():
+            p_.requires_grad_(False)
+        return head
+
+    def _head_patches(self, head: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) standardised rows -> (B, P) patch logits."""
+        with torch.no_grad():
+            return head(z).squeeze(-1)
+
+    def _grid_maps(self, grid_values: torch.Tensor) -> torch.Tensor:
+        """(B, P) patch values -> (B, H, W) maps: upsampled to the working size and smoothed."""
+        return gaussian_blur(upsample(grid_values.reshape(-1, *self.grid_), self.input_size), self.sigma)
+
+    def _distance_scores(self, z: torch.Tensor) -> np.ndarray:
+        out = [self._grid_maps(self._patch_distances(z[sl], standardised=True)).amax(dim=(1, 2))
+               for sl in batches(len(z), self.feature_batch)]
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def _head_scores(self, head: nn.Module, z: torch.Tensor) -> np.ndarray:
+        out = [self._head_patches(head, z[sl]).topk(self.head_k, dim=1).values.mean(1)
+               for sl in batches(len(z), self.feature_batch)]
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def _fit_head(self, train_z: torch.Tensor, val_z: torch.Tensor, defect_z: torch.Tensor,
+                  rng: np.random.Generator) -> None:
+        from sklearn.metrics import roc_auc_score
+
+        d_val, d_def = self._distance_scores(val_z), self._distance_scores(defect_z)
+        md, sd = float(d_val.mean()), max(float(d_val.std()), 1e-6)
+        # the distance's weight: 2-fold cross-validation over the defective images
+        cv = np.zeros(len(FUSION_WEIGHTS))
+        folds = np.array_split(rng.permutation(len(defect_z)), 2) if len(defect_z) >= 4 else []
+        for f, held in enumerate(folds):
+            rest = np.setdiff1d(np.arange(len(defect_z)), held)
+            head = self._train_head(train_z, defect_z[torch.from_numpy(rest)], self.seed + 1 + f)
+            h_val, h_held = self._head_scores(head, val_z), self._head_scores(head, defect_z[torch.from_numpy(held)])
+            mh, sh = h_val.mean(), max(h_val.std(), 1e-6)
+            y = np.r_[np.zeros(len(val_z)), np.ones(len(held))]
+            zd = (np.r_[d_val, d_def[held]] - md) / sd
+            zh = (np.r_[h_val, h_held] - mh) / sh
+            cv += [roc_auc_score(y, w * zd + (1 - w) * zh) for w in FUSION_WEIGHTS]
+        w = FUSION_WEIGHTS[int(np.argmax(cv))] if folds else 0.5
+        self.head_ = self._train_head(train_z, defect_z, self.seed)
+        h_val = self._head_scores(self.head_, val_z)
+        mh, sh = float(h_val.mean()), max(float(h_val.std()), 1e-6)
+        self.fusion_ = torch.tensor([w, md, sd, mh, sh], dtype=torch.float64)
+        self.train_info_["fusion"] = {
+            "distance_weight": w, "chosen_by": "2-fold cross-validation" if folds else
+            "default (fewer than 4 defective images)",
+            "cv_auroc": {str(k): round(float(v) / max(len(folds), 1), 4) for k, v in zip(FUSION_WEIGHTS, cv)}
+            if folds else {}, "n_held_out_goods": int(len(val_z))}
 
     # ---- training tuples --------------------------------------------------------------------------
     def _draw(self, sets, rng: np.random.Generator, n: int):
@@ -474,10 +593,11 @@ class PatchMetric(Detector):
         return hypersphere_loss(p, a, n, a, self.radius, self.margin_value)
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def _patch_distances(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw patch features (B, P, D) -> (B, P) distances to the good memory (or centres)."""
+    def _patch_distances(self, raw: torch.Tensor, standardised: bool = False) -> torch.Tensor:
+        """Patch features (B, P, D), raw (or standardised) -> (B, P) distances to the good memory
+        (or centres)."""
         b, n_pos, dim = raw.shape
-        emb = self._embed_rows(self._standardise(raw))
+        emb = self._embed_rows(raw if standardised else self._standardise(raw))
         if self.scoring == "centres":
             return (emb - self.centres_[None]).norm(dim=-1)
         return self.memory.nearest(emb.reshape(-1, emb.shape[-1]))[0].reshape(b, n_pos)
@@ -486,11 +606,24 @@ class PatchMetric(Detector):
         scores, maps = [], []
         for sl in track(batches(len(images), self.feature_batch), "patch-metric: scoring"):
             raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
-            dist = self._patch_distances(raw).reshape(-1, *self.grid_)
-            amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+            dist = self._patch_distances(raw)
+            if self.head_ is None:
+                amap = self._grid_maps(dist)
+                score = amap.amax(dim=(1, 2))
+            else:
+                score, amap = self._fused(dist, self._head_patches(self.head_, self._standardise(raw)))
             maps.append(amap.numpy())
-            scores.append(amap.amax(dim=(1, 2)).numpy())
-        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+            scores.append(score.numpy())
+        return ScoreResult(np.concatenate(scores).astype(np.float32), np.concatenate(maps))
+
+    def _fused(self, dist: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) distances and head logits -> (fused scores (B,), fused maps (B, H, W))."""
+        w, md, sd, mh, sh = (float(v) for v in self.fusion_)
+        s_d = self._grid_maps(dist).amax(dim=(1, 2))
+        s_h = logits.topk(self.head_k, dim=1).values.mean(1)
+        score = w * (s_d - md) / sd + (1 - w) * (s_h - mh) / sh
+        amap = self._grid_maps(w * (dist - md) / sd + (1 - w) * (logits - mh) / sh)
+        return score, amap
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """For the report's embedding scatter: the adapted embedding (N, E) of each image's most
@@ -519,6 +652,9 @@ class PatchMetric(Detector):
         })
         for key, values in self.history_.items():
             state[f"history.{key}"] = np.asarray(values, dtype=np.float64)
+        if self.head_ is not None:
+            state.update({f"head.{k}": v.detach().numpy() for k, v in self.head_.state_dict().items()})
+            state["fusion"] = self.fusion_.numpy()
         return state
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -549,6 +685,21 @@ class PatchMetric(Detector):
         self.history_ = {k[len("history."):]: np.asarray(v).tolist() for k, v in state.items()
                          if k.startswith("history.")}
         self._memory = None
+        self.head_ = self.fusion_ = None
+        if "fusion" in state:
+            head_state = {k[len("head."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
+                          if k.startswith("head.")}
+            self.head_ = nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
+            try:
+                self.head_.load_state_dict(head_state)
+            except RuntimeError as exc:
+                raise ModelFormatError(f"patch-metric head does not match the settings: {exc}") from None
+            self.head_.eval()
+            for p in self.head_.parameters():
+                p.requires_grad_(False)
+            self.fusion_ = torch.from_numpy(np.array(state["fusion"], dtype=np.float64))
+            if self.fusion_.shape != (5,):
+                raise ModelFormatError(f"patch-metric fusion has shape {tuple(self.fusion_.shape)}, expected (5,)")
 
 
 class PatchMetricScoring(nn.Module):
@@ -556,7 +707,9 @@ class PatchMetricScoring(nn.Module):
     backbone, PatchCore's locally aware features, the standardisation and the adaptor (MatMul/Add,
     the residual branch's LeakyReLU), L2 normalisation for the cosine distance, then the nearest
     memory distance by the norm expansion on the centred bank (one MatMul and one ReduceMin), or the
-    distance to the position centres, and PatchCore's map head (upsampling, smoothing, max)."""
+    distance to the position centres, and PatchCore's map head (upsampling, smoothing, max). With a
+    supervised head: its patch logits (two MatMuls, LeakyReLU), top-k pooling (TopK, ReduceMean) and
+    the fusion with the distance (module docstring)."""
 
     def __init__(self, detector: PatchMetric):
         super().__init__()
@@ -578,6 +731,10 @@ class PatchMetricScoring(nn.Module):
             self.register_buffer("bank_sq", memory.sq.clone())
         self.grid = tuple(int(g) for g in detector.grid_)
         self.head = _MapHead(detector.input_size, detector.sigma)
+        self.patch_head = detector.head_
+        if self.patch_head is not None:
+            self.head_k = detector.head_k
+            self.fusion = tuple(float(v) for v in detector.fusion_)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = locally_aware_features(self.extractor(normalise(image)))
@@ -593,4 +750,11 @@ class PatchMetricScoring(nn.Module):
             d2 = torch.addmm(self.bank_sq[None], q, self.bank_t, beta=1.0, alpha=-2.0)
             d2 = d2 + q.square().sum(1, keepdim=True)
             dist = d2.min(1)[0].clamp_min(0).sqrt().reshape(-1, n_pos)
-        return self.head(dist.reshape(-1, self.grid[0], self.grid[1]))
+        s_d, amap = self.head(dist.reshape(-1, self.grid[0], self.grid[1]))
+        if self.patch_head is None:
+            return s_d, amap
+        w, md, sd, mh, sh = self.fusion
+        logits = self.patch_head((raw - self.mu) / self.scale).squeeze(-1)
+        s_h = logits.topk(self.head_k, dim=1).values.mean(1)
+        _, amap = self.head((w * (dist - md) / sd + (1 - w) * (logits - mh) / sh).reshape(-1, *self.grid))
+        return w * (s_d - md) / sd + (1 - w) * (s_h - mh) / sh, amap
