@@ -84,7 +84,8 @@ def test_fit_with_a_false_alarm_rate_and_predict_carries_p_values(folder, tmp_pa
         assert lo - 1e-6 <= p <= hi + 1e-6
         assert 1 / 14 - 1e-9 <= p <= 1.0
         # the conformal verdict and the p-value say the same thing: NG iff p <= alpha
-        assert (row["verdict"] == "NG") == (score > t)
-        assert (score > t) == (p <= 0.2 + 1e-9)
+        assert (row["verdict"] == "NG") == (p <= 0.2 + 1e-9)
+        if abs(score - t) > 1e-5 * abs(t):  # a calibration good at t itself ties with it after rounding
+            assert (row["verdict"] == "NG") == (score > t)
     defects = [float(r["p_value"]) for r in rows if "/defect/" in r["path"]]
     assert max(defects) <= 0.2  # every injected defect is flagged at alpha = 0.2

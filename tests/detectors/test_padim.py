@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from gaikan.detectors.maps import gaussian_blur
+from gaikan.detectors.maps import gaussian_blur, smooth_map, upsample
 from gaikan.detectors.padim import PaDiM, embed, mahalanobis, whitening_factors
 from gaikan.evaluation.metrics import image_auroc, pixel_auroc
 
@@ -34,6 +34,19 @@ def test_gaussian_blur_matches_scipy_inside_the_image():
     ours = gaussian_blur(torch.from_numpy(m), 4.0).numpy()[0]
     ref = gaussian_filter(m[0], 4.0, truncate=4.0)
     np.testing.assert_allclose(ours[20:-20, 20:-20], ref[20:-20, 20:-20], atol=1e-5)
+
+
+@pytest.mark.parametrize("grid, size, sigma", [((28, 28), (224, 224), 4.0), ((12, 20), (96, 160), 4.0),
+                                               ((7, 7), (7, 7), 4.0), ((6, 9), (24, 36), 0.0), ((3, 4), (12, 16), 4.0)])
+def test_smooth_map_is_the_upsampling_and_smoothing_as_matrix_products(grid, size, sigma):
+    """Same operator as the convolution path, including its edge rules: reflect padding, replicate when
+    the map is smaller than the kernel (12 x 16 at sigma 4), no upsampling at equal size, sigma 0."""
+    g = torch.from_numpy(np.random.default_rng(2).random((3, *grid), dtype=np.float32))
+    expected = gaussian_blur(upsample(g, size), sigma)
+    ours = smooth_map(g, size, sigma)
+    assert ours.shape == expected.shape == (3, *size)
+    np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(smooth_map(g.double(), size, sigma).numpy(), expected.double().numpy(), atol=2e-6)
 
 
 def test_padim_ranks_injected_defects_above_good_parts_and_localises_them(defect_split):

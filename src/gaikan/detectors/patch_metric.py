@@ -70,7 +70,7 @@ from torch import nn
 from gaikan.backbones.features import BACKBONES, FeatureExtractor, normalise, prepare_batch, stage_channels
 from gaikan.data.images import prepare_image
 from gaikan.detectors.base import Detector, ScoreResult, check_images, register
-from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.maps import smooth_map
 from gaikan.detectors.patchcore import MemoryBank, greedy_coreset, locally_aware_features
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.metric_learning.losses import contrastive_loss, default_margin, hypersphere_loss, triplet_loss
@@ -505,7 +505,7 @@ class PatchMetric(Detector):
 
     def _grid_maps(self, grid_values: torch.Tensor) -> torch.Tensor:
         """(B, P) patch values -> (B, H, W) maps: upsampled to the working size and smoothed."""
-        return gaussian_blur(upsample(grid_values.reshape(-1, *self.grid_), self.input_size), self.sigma)
+        return smooth_map(grid_values.reshape(-1, *self.grid_), self.input_size, self.sigma)
 
     def _distance_scores(self, z: torch.Tensor) -> np.ndarray:
         out = [self._grid_maps(self._patch_distances(z[sl], standardised=True)).amax(dim=(1, 2))

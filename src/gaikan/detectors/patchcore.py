@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from gaikan.backbones.features import FeatureExtractor, stage_channels, tap_features
 from gaikan.detectors.base import Detector, ScoreResult, register
-from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.maps import smooth_map
 from gaikan.detectors.tiling import check_tiling, score_patch_detector, tile_views
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.progress import batches, track
@@ -415,7 +415,7 @@ class PatchCore(Detector):
             flat = feats.reshape(-1, d)
             dist, idx = self.memory.nearest(flat, chunk_mb=self.chunk_mb)
             dist = dist.view(b, h * w)
-            amap = gaussian_blur(upsample(dist.view(b, h, w), self.input_size), self.sigma)
+            amap = smooth_map(dist.view(b, h, w), self.input_size, self.sigma)
             if self.reweight:
                 worst = dist.argmax(1)
                 rows = torch.arange(b) * (h * w) + worst

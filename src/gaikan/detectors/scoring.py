@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaikan.backbones.features import normalise
-from gaikan.detectors.maps import gaussian_blur, upsample
+from gaikan.detectors.maps import smooth_map
 
 
 class _MapHead(nn.Module):
@@ -38,7 +38,7 @@ class _MapHead(nn.Module):
         self.sigma = float(sigma)
 
     def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = gaussian_blur(upsample(grid, self.size), self.sigma)
+        amap = smooth_map(grid, self.size, self.sigma)
         return amap.amax(dim=(1, 2)), amap
 
 

@@ -53,8 +53,9 @@ OUTPUT_NAMES = ("score", "anomaly_map")
 #: the tensor joining a two-stage graph's feature stage to its head (PaDiM: the (N, P, d) embeddings)
 STAGE_CUT = "embedding"
 #: the exporter's revision, for caches of exported files (``gaikan serve``): raised when the graphs
-#: it writes change in layout though the format stays readable (2: PaDiM's stage cut)
-EXPORT_REVISION = 2
+#: it writes change in layout though the format stays readable (2: PaDiM's stage cut; 3: the map's
+#: upsampling and smoothing as two matrix products, ``gaikan.detectors.maps.smooth_map``)
+EXPORT_REVISION = 3
 INPUT_FORMAT = "float32 NCHW RGB in [0, 1] at input_size (resized with Pillow bilinear, mode F)"
 
 

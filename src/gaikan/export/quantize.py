@@ -45,6 +45,9 @@ from gaikan.errors import GaikanError, ModelFormatError, SettingsError
 from gaikan.export.graph import clean_graph, save_atomic
 
 BACKBONE_PREFIX = "/extractor/"
+#: the map head of every exported scoring module (``gaikan.detectors.scoring._MapHead``, attribute
+#: ``head``); in a two-stage graph the head stage's nodes carry one more "head" (onnx_export._join)
+MAP_PREFIXES = ("/head/", "head/head/")
 # op types that do arithmetic (the rest move data): reported as quantized / float in the metadata
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Clip", "Relu", "ReduceMin", "ReduceMax",
                "ReduceSum", "Sqrt", "Resize", "AveragePool", "Softmax", "TopK")
@@ -58,11 +61,14 @@ def backbone_node_names(model) -> list[str]:
 
 
 def head_product_nodes(model) -> tuple[list[str], int]:
-    """The head's MatMul/Gemm nodes with a constant second operand, and that operand's column axis."""
+    """The head's MatMul/Gemm nodes with a constant second operand, and that operand's column axis.
+    The map's upsampling and smoothing products (``smooth_map``, under ``/head/``) stay float: int8
+    there clips the map, whose maximum is the score."""
     init = {i.name: len(i.dims) for i in model.graph.initializer}
     names, ranks = [], set()
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and not n.name.startswith(BACKBONE_PREFIX) and n.input[1] in init:
+        if (n.op_type in ("MatMul", "Gemm") and not n.name.startswith((BACKBONE_PREFIX, *MAP_PREFIXES))
+                and n.input[1] in init):
             names.append(n.name)
             ranks.add(init[n.input[1]])
     return names, (max(ranks) - 1 if ranks else 1)
