@@ -174,7 +174,8 @@ def test_supervised_head_is_trained_on_labelled_defects_and_ranks_the_unseen_one
     assert again.fit_info_["head"] == "trained" and again.fit_info_["fusion"] == fusion  # the manifest says so
     # without a head (head=none) the same data give the plain distance
     plain = PatchMetric(**SMALL, head="none").fit(images, labels)
-    assert plain.head_ is None and plain.train_info_["head"].startswith("none")
+    assert plain.head_ is None and plain.fit_info_["head"] == "none: head=none"
+    assert PatchMetric(**SMALL).fit(small_task.train.images).fit_info_["head"] == "none: no labelled defective images"
 
 
 def test_onnx_export_with_the_supervised_head_gives_the_torch_scores(small_task, tmp_path):

@@ -449,7 +449,8 @@ class PatchMetric(Detector):
         self.head_ = None
         self.fusion_ = None
         self.train_info_["head"] = "trained" if use_head else (
-            "none: no labelled defective images" if defect_z is None or self.head == "none" else
+            "none: head=none" if self.head == "none" and n_real else
+            "none: no labelled defective images" if defect_z is None else
             "none: too few good images to hold out for its calibration")
         memory_goods = good[torch.from_numpy(~good_val)] if use_head else good
 
