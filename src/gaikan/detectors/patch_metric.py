@@ -436,9 +436,7 @@ class PatchMetric(Detector):
         settings = TrainSettings(epochs=self.epochs, lr=self.lr, seed=self.seed)
         self.history_ = train_network(self.adaptor_, make_batches, lambda b, _rng: self._tuple_loss(*b), val_loss,
                                       settings, f"patch-metric ({self.loss}): epochs")
-        self.adaptor_.eval()
-        for p_ in self.adaptor_.parameters():
-            p_.requires_grad_(False)
+        _frozen(self.adaptor_)
         self.fit_seconds_["training"] = time.perf_counter() - middle
         self.train_info_ = {"negatives": mode, "n_good_images": int(n_good), "n_synthetic_images": int(n_synth),
                             "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
@@ -481,8 +479,7 @@ class PatchMetric(Detector):
         """A per-patch MLP, BCE on image labels with top-k pooling; (n, P, D) standardised rows."""
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        head = nn.Sequential(nn.Linear(good_z.shape[-1], self.head_hidden), nn.LeakyReLU(0.2),
-                             nn.Linear(self.head_hidden, 1))
+        head = self._new_head(good_z.shape[-1])
         opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
         n = min(32, len(good_z), len(defect_z))
         target = torch.cat([torch.zeros(n), torch.ones(n)])
@@ -494,10 +491,10 @@ class PatchMetric(Detector):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        head.eval()
-        for p_ in head.parameters():
-            p_.requires_grad_(False)
-        return head
+        return _frozen(head)
+
+    def _new_head(self, dim: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
 
     def _head_patches(self, head: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """(B, P, D) standardised rows -> (B, P) patch logits."""
@@ -668,16 +665,7 @@ class PatchMetric(Detector):
             raise ModelFormatError(f"patch-metric model has {state['mu'].shape[0]} features per patch, "
                                    f"the settings give {dim}")
         weight = state["adaptor.linear.weight"]
-        self.adaptor_ = PatchAdaptor(dim, weight.shape[0], self.hidden, self.seed)
-        adaptor_state = {k[len("adaptor."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
-                         if k.startswith("adaptor.")}
-        try:
-            self.adaptor_.load_state_dict(adaptor_state)
-        except RuntimeError as exc:
-            raise ModelFormatError(f"patch-metric adaptor does not match the settings: {exc}") from None
-        self.adaptor_.eval()
-        for p in self.adaptor_.parameters():
-            p.requires_grad_(False)
+        self.adaptor_ = _load_frozen(PatchAdaptor(dim, weight.shape[0], self.hidden, self.seed), state, "adaptor")
         self.mu_ = torch.from_numpy(np.array(state["mu"])).float()
         self.scale_ = torch.tensor(float(np.asarray(state["scale"]).reshape(-1)[0]))
         self.bank_ = torch.from_numpy(np.array(state["bank"])).float()
@@ -688,19 +676,30 @@ class PatchMetric(Detector):
         self._memory = None
         self.head_ = self.fusion_ = None
         if "fusion" in state:
-            head_state = {k[len("head."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
-                          if k.startswith("head.")}
-            self.head_ = nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
-            try:
-                self.head_.load_state_dict(head_state)
-            except RuntimeError as exc:
-                raise ModelFormatError(f"patch-metric head does not match the settings: {exc}") from None
-            self.head_.eval()
-            for p in self.head_.parameters():
-                p.requires_grad_(False)
+            self.head_ = _load_frozen(self._new_head(dim), state, "head")
             self.fusion_ = torch.from_numpy(np.array(state["fusion"], dtype=np.float64))
             if self.fusion_.shape != (5,):
                 raise ModelFormatError(f"patch-metric fusion has shape {tuple(self.fusion_.shape)}, expected (5,)")
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """Evaluation mode, no gradients: a trained part of the scoring path."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _load_frozen(module: nn.Module, state: dict[str, np.ndarray], prefix: str) -> nn.Module:
+    """Load the ``prefix.*`` tensors of a saved state into ``module`` (refused with a message when
+    they do not fit the settings), frozen."""
+    tensors = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v)) for k, v in state.items()
+               if k.startswith(prefix + ".")}
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ModelFormatError(f"patch-metric {prefix} does not match the settings: {exc}") from None
+    return _frozen(module)
 
 
 class PatchMetricScoring(nn.Module):
