@@ -486,7 +486,7 @@ class PatchMetric(Detector):
         for _ in range(self.head_steps):
             rows = torch.cat([good_z[torch.from_numpy(rng.integers(0, len(good_z), n))],
                               defect_z[torch.from_numpy(rng.integers(0, len(defect_z), n))]])
-            logits = head(rows).squeeze(-1).topk(self.head_k, dim=1).values.mean(1)
+            logits = self._pooled(head(rows).squeeze(-1))
             loss = F.binary_cross_entropy_with_logits(logits, target)
             opt.zero_grad()
             loss.backward()
@@ -495,6 +495,10 @@ class PatchMetric(Detector):
 
     def _new_head(self, dim: int) -> nn.Module:
         return nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
+
+    def _pooled(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, P) patch logits -> (B,) image logits: the mean of each image's head_k highest."""
+        return logits.topk(self.head_k, dim=1).values.mean(1)
 
     def _head_patches(self, head: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """(B, P, D) standardised rows -> (B, P) patch logits."""
@@ -511,7 +515,7 @@ class PatchMetric(Detector):
         return torch.cat(out).numpy().astype(np.float64)
 
     def _head_scores(self, head: nn.Module, z: torch.Tensor) -> np.ndarray:
-        out = [self._head_patches(head, z[sl]).topk(self.head_k, dim=1).values.mean(1)
+        out = [self._pooled(self._head_patches(head, z[sl]))
                for sl in batches(len(z), self.feature_batch)]
         return torch.cat(out).numpy().astype(np.float64)
 
@@ -604,12 +608,13 @@ class PatchMetric(Detector):
         scores, maps = [], []
         for sl in track(batches(len(images), self.feature_batch), "patch-metric: scoring"):
             raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
-            dist = self._patch_distances(raw)
+            z = self._standardise(raw)
+            dist = self._patch_distances(z, standardised=True)
             if self.head_ is None:
                 amap = self._grid_maps(dist)
                 score = amap.amax(dim=(1, 2))
             else:
-                score, amap = self._fused(dist, self._head_patches(self.head_, self._standardise(raw)))
+                score, amap = self._fused(dist, self._head_patches(self.head_, z))
             maps.append(amap.numpy())
             scores.append(score.numpy())
         return ScoreResult(np.concatenate(scores).astype(np.float32), np.concatenate(maps))
@@ -618,7 +623,7 @@ class PatchMetric(Detector):
         """(B, P) distances and head logits -> (fused scores (B,), fused maps (B, H, W))."""
         w, md, sd, mh, sh = (float(v) for v in self.fusion_)
         s_d = self._grid_maps(dist).amax(dim=(1, 2))
-        s_h = logits.topk(self.head_k, dim=1).values.mean(1)
+        s_h = self._pooled(logits)
         score = w * (s_d - md) / sd + (1 - w) * (s_h - mh) / sh
         amap = self._grid_maps(w * (dist - md) / sd + (1 - w) * (logits - mh) / sh)
         return score, amap

@@ -52,6 +52,8 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map")
 #: the tensor joining a two-stage graph's feature stage to its head (PaDiM: the (N, P, d) embeddings)
 STAGE_CUT = "embedding"
+#: the prefix of the head stage's node names in a two-stage graph (``_join``)
+HEAD_STAGE_PREFIX = "head"
 #: the exporter's revision, for caches of exported files (``gaikan serve``): raised when the graphs
 #: it writes change in layout though the format stays readable (2: PaDiM's stage cut; 3: the map's
 #: upsampling and smoothing as two matrix products, ``gaikan.detectors.maps.smooth_map``)
@@ -127,7 +129,8 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
     module = scoring_module(detector)
     height, width = detector.input_size
     dummy = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    if hasattr(module, "score_embedding"):  # two stages joined at a named tensor (see STAGE_CUT)
+    staged = hasattr(module, "score_embedding")  # two stages joined at a named tensor (see STAGE_CUT)
+    if staged:
         with torch.no_grad():
             emb = module.embed(dummy)
         first = _trace(_stage(module, "embed"), dummy, INPUT_NAME, [STAGE_CUT], opset)
@@ -137,7 +140,7 @@ def export_onnx(detector, out, *, force: bool = False, opset: int = OPSET) -> Pa
         model = _trace(module, dummy, INPUT_NAME, list(OUTPUT_NAMES), opset)
     model.doc_string = f"gaikan {detector.name}: image (N,3,{height},{width}) in [0,1] -> score (N,), anomaly_map (N,{height},{width})"
     metadata = model_metadata(detector)
-    if hasattr(module, "score_embedding"):
+    if staged:
         metadata["stage_cut"] = STAGE_CUT
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -189,7 +192,7 @@ def _join(first, second):
 
     keep = {"rename_inputs": False, "rename_outputs": False}
     first = onnx.compose.add_prefix(first, "features/", rename_nodes=False, **keep)  # /extractor/... kept
-    second = onnx.compose.add_prefix(second, "head", **keep)  # head/Sub, ...
+    second = onnx.compose.add_prefix(second, HEAD_STAGE_PREFIX, **keep)  # head/Sub, ...
     model = onnx.compose.merge_models(first, second, io_map=[(STAGE_CUT, STAGE_CUT)],
                                       producer_name="gaikan", producer_version=gaikan.__version__)
     opsets = {op.domain: op.version for op in model.opset_import}  # merge lists each domain twice

@@ -43,11 +43,12 @@ import numpy as np
 
 from gaikan.errors import GaikanError, ModelFormatError, SettingsError
 from gaikan.export.graph import clean_graph, save_atomic
+from gaikan.export.onnx_export import HEAD_STAGE_PREFIX
 
 BACKBONE_PREFIX = "/extractor/"
 #: the map head of every exported scoring module (``gaikan.detectors.scoring._MapHead``, attribute
-#: ``head``); in a two-stage graph the head stage's nodes carry one more "head" (onnx_export._join)
-MAP_PREFIXES = ("/head/", "head/head/")
+#: ``head``); in a two-stage graph the head stage's node names carry the stage's prefix too
+MAP_PREFIXES = ("/head/", f"{HEAD_STAGE_PREFIX}/head/")
 # op types that do arithmetic (the rest move data): reported as quantized / float in the metadata
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Clip", "Relu", "ReduceMin", "ReduceMax",
                "ReduceSum", "Sqrt", "Resize", "AveragePool", "Softmax", "TopK")
