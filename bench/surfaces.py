@@ -64,6 +64,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "patchcore coreset_fraction=0.1": ("patchcore", {"coreset_fraction": 0.1}),
     "patch-metric": ("patch-metric", {}),
     "patch-metric coreset_fraction=0.02": ("patch-metric", {"coreset_fraction": 0.02}),
+    "patch-metric init=rca epochs=0": ("patch-metric", {"init": "rca", "epochs": 0}),
+    # PatchCore with patch-metric's memory settings: patch-metric without its adaptor (a control)
+    "patchcore coreset_fraction=0.01 projection_dim=128 coreset_sample=524288": (
+        "patchcore", {"coreset_fraction": 0.01, "projection_dim": 128, "coreset_sample": 524288}),
     "auto": ("auto", {}),
 }
 ELPV = {"elpv-mono": "elpv:mono", "elpv-poly": "elpv:poly"}

@@ -24,5 +24,6 @@ VARIANTS.update({
     # the memory selected on a pre-sample (fewer than the training patches: 12 x 12 per image)
     "patch-metric[coreset_sample=1000]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], coreset_sample=1000)),
     "patch-metric[backbone=lite2]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], backbone="lite2")),
+    "patch-metric[init=rca]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], init="rca")),
 })
 

@@ -8,7 +8,7 @@ import torch
 
 from gaikan.data.synthetic import make_defect_dataset
 from gaikan.detectors.base import load_detector
-from gaikan.detectors.patch_metric import PatchAdaptor, PatchMetric, mask_coverage, top_patches
+from gaikan.detectors.patch_metric import PatchAdaptor, PatchMetric, mask_coverage, rca_whitening, top_patches
 from gaikan.errors import SettingsError
 from gaikan.evaluation.metrics import image_auroc
 
@@ -63,6 +63,79 @@ def test_untrained_adaptor_is_the_identity_so_training_starts_from_patchcore():
     np.testing.assert_allclose(PatchAdaptor(152, 152, hidden=16)(z).detach().numpy(), z.numpy(), atol=1e-6)
     w = PatchAdaptor(152, 32, seed=1).linear.weight.detach()
     np.testing.assert_allclose((w @ w.T).numpy(), np.eye(32), atol=1e-5)  # orthonormal rows
+
+
+def test_rca_whitening_shrinks_the_directions_good_patches_vary_in():
+    """Residuals with one dominant nuisance direction: W whitens their covariance, and a step along
+    the nuisance counts less than the same Euclidean step along a direction goods never vary in."""
+    rng = np.random.default_rng(0)
+    dim = 12
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    spread = np.r_[10.0, np.linspace(1.0, 2.0, dim - 2), 0.1]  # nuisance first, the rarest direction last
+    residuals = (rng.normal(size=(20000, dim)) * spread) @ basis.T
+    w = rca_whitening(residuals)
+    np.testing.assert_allclose(w, w.T, atol=1e-5)
+    cov = np.cov(residuals, rowvar=False)
+    np.testing.assert_allclose(w @ cov @ w.T, np.eye(dim), atol=0.05)
+    nuisance, rare = basis[:, 0], basis[:, -1]
+    assert np.linalg.norm(w @ nuisance) < 0.2 and np.linalg.norm(w @ rare) > 5.0
+    # a direction no residual moves in stays finite
+    flat = residuals.copy()
+    flat[:, 0] = 0.0
+    assert np.isfinite(rca_whitening(flat)).all()
+
+
+def _fit_seeing_rca_start(det, images):
+    """Fit, keeping what ``_rca_weight`` returned and the standardised goods it was given."""
+    seen = {}
+    original = PatchMetric._rca_weight
+
+    def keep(self, good, held, rng):
+        seen["weight"] = weight = original(self, good, held, rng)
+        seen["good"] = good
+        return weight
+
+    PatchMetric._rca_weight = keep
+    try:
+        det.fit(images)
+    finally:
+        PatchMetric._rca_weight = original
+    return seen["weight"], seen["good"]
+
+
+def test_rca_start_is_the_residual_metric_at_unit_scale_and_trains_ranks_and_reloads(small_task, tmp_path):
+    """init='rca': before training, W is RCA's whitening of the held-out goods' nearest-neighbour
+    residuals, scaled so that good same-position pairs are at RMS distance 1; the fitted model ranks
+    the defects and reloads identically; with epochs=0 W stays exactly at that start and no synthetic
+    defect is made. Settings it cannot work with are refused."""
+    det = PatchMetric(init="rca", **SMALL)
+    weight, good = _fit_seeing_rca_start(det, small_task.train.images)
+    assert not torch.allclose(weight, torch.eye(len(weight)))
+    a, b = np.meshgrid(np.arange(len(good)), np.arange(len(good)))
+    a, b = a[a != b], b[a != b]
+    pairs = (good[a] - good[b]).reshape(-1, good.shape[-1]) @ weight.T  # same position, two images
+    assert pairs.square().sum(1).mean().sqrt().item() == pytest.approx(1.0, rel=0.1)
+    assert not torch.allclose(det.adaptor_.linear.weight, weight)  # training moved on from the start
+    result = det.score(small_task.test.images)
+    assert image_auroc(small_task.test.labels, result.scores) >= 0.9
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    assert again.init == "rca"
+    np.testing.assert_array_equal(again.score(small_task.test.images[:5]).scores, result.scores[:5])
+
+    frozen = PatchMetric(init="rca", **{**SMALL, "epochs": 0})
+    weight, _ = _fit_seeing_rca_start(frozen, small_task.train.images)
+    torch.testing.assert_close(frozen.adaptor_.linear.weight, weight, rtol=0, atol=0)
+    assert frozen.train_info_["n_synthetic_images"] == 0 and frozen.fit_info_["negatives"] == "none: epochs=0"
+    assert frozen.history_ == {"train_loss": [], "val_loss": []}
+    assert image_auroc(small_task.test.labels, frozen.score(small_task.test.images).scores) >= 0.9
+
+    with pytest.raises(SettingsError, match="embedding_dim"):
+        PatchMetric(init="rca", embedding_dim=32)
+    with pytest.raises(SettingsError, match="epochs"):
+        PatchMetric(epochs=-1)
+    with pytest.raises(SettingsError, match="held-out good images"):
+        PatchMetric(init="rca", **{**SMALL, "val_fraction": 0.0}).fit(small_task.train.images)
 
 
 def test_mask_coverage_and_top_patches_match_plain_loops():

@@ -17,7 +17,17 @@ training the detector ranks patches exactly as PatchCore does.
 Adaptor (the "1x1 convolutions": the same map at every position, written on patch rows):
     f(z) = W z + b                        (W (E, D), E = embedding_dim, initialised to the identity)
     f(z) = y + V2 act(V1 y),  y = W z + b  (hidden > 0: a residual branch, V2 initialised to 0)
-so training starts from PatchCore's metric and moves it.
+so training starts from PatchCore's metric and moves it. With ``init="rca"`` W starts instead at a
+metric learned in closed form from good patches alone: Relevant Component Analysis (Bar-Hillel, Hertz,
+Shental & Weinshall, "Learning a Mahalanobis metric from equivalence constraints", JMLR 2005), the
+inverse square root of the covariance C of within-"chunklet" differences. Here a chunklet is a good
+patch of a held-out good image (the adaptor's validation goods) and its nearest neighbour in a random
+reference of the other good patches (as many as the memory will hold), so C is the covariance of the
+residuals r = z - nn(z) that the memory leaves on good parts, Ledoit-Wolf shrunk:
+    W = c C^(-1/2),   c such that good patches at the same position are again at RMS distance 1.
+Directions in which good patches differ from their nearest good neighbour (on a textured surface the
+grain) are shrunk, directions in which they never differ are stretched. The losses then train on from
+there.
 
 Training tuples, drawn at random from the cached features each step (``positives``):
     position:  an anchor and a positive are good patches at the same grid position p of two good
@@ -70,6 +80,7 @@ from torch import nn
 from gaikan.backbones.features import BACKBONES, FeatureExtractor, normalise, prepare_batch, stage_channels
 from gaikan.data.images import prepare_image
 from gaikan.detectors.base import Detector, ScoreResult, check_images, register
+from gaikan.detectors.embedding_md import shrunk_covariance
 from gaikan.detectors.maps import smooth_map
 from gaikan.detectors.patchcore import MemoryBank, greedy_coreset, locally_aware_features
 from gaikan.errors import ModelFormatError, SettingsError
@@ -85,6 +96,7 @@ POSITIVES = ("position", "neighbour")
 NEGATIVES = ("auto", "synthetic", "real", "both", "noise")
 SCORINGS = ("memory", "centres")
 HEADS = ("auto", "none")
+INITS = ("identity", "rca")
 #: the fusion weights of the distance tried by the head's cross-validation
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 #: a synthetic-defect patch is a negative when its mask covers at least this share of its grid cell
@@ -99,6 +111,16 @@ def mask_coverage(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(N, H, W) bool masks -> (N, h * w) share of each grid cell covered (area average)."""
     m = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
     return F.adaptive_avg_pool2d(m, grid)[:, 0].reshape(len(masks), -1).numpy()
+
+
+def rca_whitening(residuals: np.ndarray) -> np.ndarray:
+    """(n, D) within-chunklet differences -> W = C^(-1/2) (D, D), C their Ledoit-Wolf covariance
+    (RCA); eigenvalues are floored at 1e-6 of their mean so that a direction no residual moves in
+    stays finite."""
+    _, cov, _ = shrunk_covariance(residuals)
+    values, vectors = np.linalg.eigh(cov)
+    values = np.maximum(values, 1e-6 * max(float(values.mean()), 1e-12))
+    return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
 
 
 def top_patches(distances: np.ndarray, share: float) -> np.ndarray:
@@ -146,7 +168,8 @@ class PatchMetric(Detector):
         image_size: working size in pixels; backbone: lite0 | lite1 | lite2 (EfficientNet-Lite);
             stages: backbone taps (as PatchCore: 2 = stride 8, 4 = stride 16).
         embedding_dim: E, the adaptor's output (0 = D, the feature size); hidden: width of the residual
-            branch (0 = a linear adaptor).
+            branch (0 = a linear adaptor); init: identity (PatchCore's metric) | rca (the metric of good
+            patches' residuals to their nearest good neighbour, module docstring; needs E = D).
         loss: contrastive | triplet | hypersphere; distance: euclidean | cosine (triplet only);
             margin: 0 = the loss's default; radius: r of the hypersphere loss.
         anchor: random | mean (position mode); positives: position | neighbour.
@@ -155,7 +178,8 @@ class PatchMetric(Detector):
             others); synthetic_ratio: synthetic defect images per good training image; defect_scale:
             size of the synthetic defects; defect_patches: share of a given defect image's patches used
             as negatives (its farthest from the good patches).
-        epochs, steps_per_epoch, batch_size (tuples per step), lr: Adam on the adaptor.
+        epochs, steps_per_epoch, batch_size (tuples per step), lr: Adam on the adaptor; epochs=0 trains
+            nothing (no synthetic defects are made): the adaptor stays at its start, e.g. init=rca alone.
         val_fraction: share of the good (and negative) images whose tuples give the validation loss.
         scoring: memory (nearest adapted good patch) | centres (adapted mean good patch of the position).
         coreset_fraction, coreset_sample, projection_dim: PatchCore's greedy coreset of the memory:
@@ -178,12 +202,13 @@ class PatchMetric(Detector):
                  lr: float = 1e-3, val_fraction: float = 0.1, scoring: str = "memory",
                  coreset_fraction: float = 0.01, coreset_sample: int = 524288, projection_dim: int = 128,
                  sigma: float = 4.0, backbone: str = "lite0", head: str = "auto", head_hidden: int = 64,
-                 head_steps: int = 600, feature_batch: int = 8, seed: int = 0):
+                 head_steps: int = 600, init: str = "identity", feature_batch: int = 8, seed: int = 0):
         self.image_size = int(image_size)
         self.backbone = check_choice(str(backbone), BACKBONES, "backbone")
         self.head = check_choice(str(head), HEADS, "head")
         self.head_hidden = int(head_hidden)
         self.head_steps = int(head_steps)
+        self.init = check_choice(str(init), INITS, "init")
         self.stages = tuple(int(s) for s in stages)
         self.embedding_dim = int(embedding_dim)
         self.hidden = int(hidden)
@@ -221,8 +246,8 @@ class PatchMetric(Detector):
             raise SettingsError("embedding_dim and hidden must be >= 0")
         if self.head_hidden < 1 or self.head_steps < 1:
             raise SettingsError("head_hidden and head_steps must be >= 1")
-        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2 or self.feature_batch < 1:
-            raise SettingsError("epochs, steps_per_epoch and feature_batch must be >= 1, batch_size >= 2")
+        if self.epochs < 0 or self.steps_per_epoch < 1 or self.batch_size < 2 or self.feature_batch < 1:
+            raise SettingsError("epochs must be >= 0, steps_per_epoch and feature_batch >= 1, batch_size >= 2")
         if not 0.0 < self.coreset_fraction <= 1.0:
             raise SettingsError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
         if self.coreset_sample < 0 or self.projection_dim < 0:
@@ -239,6 +264,9 @@ class PatchMetric(Detector):
             raise SettingsError(f"distance='cosine' is a triplet-loss option; the {self.loss} loss is Euclidean")
         if self.anchor == "mean" and self.positives != "position":
             raise SettingsError("anchor='mean' (the mean good patch of a position) needs positives='position'")
+        if self.init == "rca" and self.embedding_dim not in (0, self.feature_dim):
+            raise SettingsError(f"init='rca' whitens all {self.feature_dim} features: it needs embedding_dim 0 "
+                                f"(got {self.embedding_dim})")
         if self.scoring == "centres" and self.positives != "position":
             raise SettingsError("scoring='centres' (one centre per position) needs positives='position'")
 
@@ -372,7 +400,8 @@ class PatchMetric(Detector):
         neg_rows, neg_pos, neg_img = [], [], []
         n_synth = n_real = 0
         defect_z = None  # all patches of the given defective images, for the supervised head
-        if mode in ("synthetic", "both"):
+        training = self.epochs > 0
+        if mode in ("synthetic", "both") and training:
             feats, cover, _ = self._synthetic_negatives(images, rng)
             img_idx, pos_idx = np.nonzero(cover >= MASK_COVERAGE)
             neg_rows.append(self._standardise(feats[torch.from_numpy(img_idx), torch.from_numpy(pos_idx)]))
@@ -395,7 +424,7 @@ class PatchMetric(Detector):
             if self.head == "auto":
                 defect_z = feats
             del feats
-        if not neg_rows and self.noise_std <= 0:
+        if training and not neg_rows and self.noise_std <= 0:
             raise SettingsError("no negatives: choose negatives other than 'noise' or set noise_std > 0")
         negatives = torch.cat(neg_rows) if neg_rows else torch.zeros(0, dim)
         neg_pos = np.concatenate(neg_pos) if neg_pos else np.zeros(0, np.int64)
@@ -417,11 +446,17 @@ class PatchMetric(Detector):
         if len(negatives) and neg_val.all():
             neg_val[:] = False
         self.adaptor_ = PatchAdaptor(dim, self.embedding_dim or dim, self.hidden, self.seed)
+        if self.init == "rca":
+            if not good_val.any():
+                raise SettingsError(f"init='rca' learns from held-out good images: {n_good} good training images "
+                                    f"at val_fraction={self.val_fraction} hold out fewer than 2")
+            with torch.no_grad():
+                self.adaptor_.linear.weight.copy_(self._rca_weight(good, good_val, rng))
         self.means_ = good.mean(0)  # (P, D): the mean good patch of each position
         train_sets = (good[torch.from_numpy(~good_val)], negatives[torch.from_numpy(~neg_val)], neg_pos[~neg_val])
         middle = time.perf_counter()
         val_loss = None
-        if good_val.any():
+        if good_val.any() and training:
             val_sets = (good[torch.from_numpy(good_val)], negatives[torch.from_numpy(neg_val)], neg_pos[neg_val])
             if len(val_sets[1]) == 0:
                 val_sets = (val_sets[0], train_sets[1], train_sets[2])
@@ -434,11 +469,13 @@ class PatchMetric(Detector):
             return [self._draw(train_sets, batch_rng, self.batch_size) for _ in range(self.steps_per_epoch)]
 
         settings = TrainSettings(epochs=self.epochs, lr=self.lr, seed=self.seed)
-        self.history_ = train_network(self.adaptor_, make_batches, lambda b, _rng: self._tuple_loss(*b), val_loss,
-                                      settings, f"patch-metric ({self.loss}): epochs")
+        self.history_ = {"train_loss": [], "val_loss": []}  # epochs=0: the adaptor stays at its start
+        if training:
+            self.history_ = train_network(self.adaptor_, make_batches, lambda b, _rng: self._tuple_loss(*b),
+                                          val_loss, settings, f"patch-metric ({self.loss}): epochs")
         _frozen(self.adaptor_)
         self.fit_seconds_["training"] = time.perf_counter() - middle
-        self.train_info_ = {"negatives": mode, "n_good_images": int(n_good), "n_synthetic_images": int(n_synth),
+        self.train_info_ = {"negatives": mode if training else "none: epochs=0", "n_good_images": int(n_good), "n_synthetic_images": int(n_synth),
                             "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
                             "noise_negatives": self.noise_std > 0}
 
@@ -468,6 +505,22 @@ class PatchMetric(Detector):
             middle = time.perf_counter()
             self._fit_head(good[torch.from_numpy(~good_val)], good[torch.from_numpy(good_val)], defect_z, rng)
             self.fit_seconds_["head"] = time.perf_counter() - middle
+
+    def _rca_weight(self, good: torch.Tensor, held: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The RCA start of W (module docstring) from standardised good patches (N, P, D), the images
+        ``held`` out giving the chunklets and the others the reference."""
+        n_good, n_pos, dim = good.shape
+        rest = good[torch.from_numpy(~held)].reshape(-1, dim)
+        size = min(len(rest), max(dim, int(round(self.coreset_fraction * len(rest)))))
+        reference = rest[torch.from_numpy(rng.choice(len(rest), size, replace=False))]
+        queries = good[torch.from_numpy(held)].reshape(-1, dim)
+        nearest = MemoryBank(reference).nearest(queries)[1][:, 0]
+        weight = torch.from_numpy(rca_whitening((queries - reference[nearest]).numpy()))
+        i = torch.from_numpy(rng.integers(0, n_good, 4096))
+        j = (i + torch.from_numpy(rng.integers(1, max(n_good, 2), 4096))) % n_good
+        p = torch.from_numpy(rng.integers(0, n_pos, 4096))
+        pairs = (good[i, p] - good[j, p]) @ weight.T
+        return weight / torch.sqrt(pairs.square().sum(1).mean()).clamp_min(1e-6)
 
     # ---- the supervised head ----------------------------------------------------------------------
     @property
