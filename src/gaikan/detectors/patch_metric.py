@@ -389,10 +389,7 @@ class PatchMetric(Detector):
         n_good, n_pos, dim = good_raw.shape
         self.mu_ = good_raw.reshape(-1, dim).mean(0)
         # s: RMS distance between good patches at the same position of two different good images
-        i = torch.from_numpy(rng.integers(0, n_good, 4096))
-        j = (i + torch.from_numpy(rng.integers(1, max(n_good, 2), 4096))) % n_good
-        p = torch.from_numpy(rng.integers(0, n_pos, 4096))
-        self.scale_ = torch.sqrt((good_raw[i, p] - good_raw[j, p]).square().sum(1).mean()).clamp_min(1e-6)
+        self.scale_ = _rms(_same_position_differences(good_raw, rng))
         good = self._standardise(good_raw)
         del good_raw
 
@@ -475,8 +472,8 @@ class PatchMetric(Detector):
                                           val_loss, settings, f"patch-metric ({self.loss}): epochs")
         _frozen(self.adaptor_)
         self.fit_seconds_["training"] = time.perf_counter() - middle
-        self.train_info_ = {"negatives": mode if training else "none: epochs=0", "n_good_images": int(n_good), "n_synthetic_images": int(n_synth),
-                            "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
+        self.train_info_ = {"negatives": mode if training else "none: epochs=0", "n_good_images": int(n_good),
+                            "n_synthetic_images": int(n_synth), "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
                             "noise_negatives": self.noise_std > 0}
 
         # the supervised head (labelled defects given): needs held-out goods to standardise its fusion
@@ -509,18 +506,14 @@ class PatchMetric(Detector):
     def _rca_weight(self, good: torch.Tensor, held: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """The RCA start of W (module docstring) from standardised good patches (N, P, D), the images
         ``held`` out giving the chunklets and the others the reference."""
-        n_good, n_pos, dim = good.shape
+        dim = good.shape[-1]
         rest = good[torch.from_numpy(~held)].reshape(-1, dim)
         size = min(len(rest), max(dim, int(round(self.coreset_fraction * len(rest)))))
         reference = rest[torch.from_numpy(rng.choice(len(rest), size, replace=False))]
         queries = good[torch.from_numpy(held)].reshape(-1, dim)
         nearest = MemoryBank(reference).nearest(queries)[1][:, 0]
         weight = torch.from_numpy(rca_whitening((queries - reference[nearest]).numpy()))
-        i = torch.from_numpy(rng.integers(0, n_good, 4096))
-        j = (i + torch.from_numpy(rng.integers(1, max(n_good, 2), 4096))) % n_good
-        p = torch.from_numpy(rng.integers(0, n_pos, 4096))
-        pairs = (good[i, p] - good[j, p]) @ weight.T
-        return weight / torch.sqrt(pairs.square().sum(1).mean()).clamp_min(1e-6)
+        return weight / _rms(_same_position_differences(good, rng) @ weight.T)
 
     # ---- the supervised head ----------------------------------------------------------------------
     @property
@@ -738,6 +731,21 @@ class PatchMetric(Detector):
             self.fusion_ = torch.from_numpy(np.array(state["fusion"], dtype=np.float64))
             if self.fusion_.shape != (5,):
                 raise ModelFormatError(f"patch-metric fusion has shape {tuple(self.fusion_.shape)}, expected (5,)")
+
+
+def _same_position_differences(patches: torch.Tensor, rng: np.random.Generator, n: int = 4096) -> torch.Tensor:
+    """(N, P, D) patches of N images -> (n, D) differences of random pairs of patches at the same
+    position of two different images."""
+    n_images, n_pos, _ = patches.shape
+    i = torch.from_numpy(rng.integers(0, n_images, n))
+    j = (i + torch.from_numpy(rng.integers(1, max(n_images, 2), n))) % n_images
+    p = torch.from_numpy(rng.integers(0, n_pos, n))
+    return patches[i, p] - patches[j, p]
+
+
+def _rms(rows: torch.Tensor) -> torch.Tensor:
+    """Root mean square length of (n, D) rows, at least 1e-6."""
+    return torch.sqrt(rows.square().sum(1).mean()).clamp_min(1e-6)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
