@@ -17,6 +17,12 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return k / k.sum()
 
 
+def _padding_mode(height: int, width: int, radius: int) -> str:
+    """Border rule of the smoothing: mirror padding, or edge replication for a map that is not
+    larger than the kernel's radius (mirroring would need more rows than it has)."""
+    return "reflect" if min(height, width) > radius else "replicate"
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of (B, H, W) maps, mirror padding at the borders."""
     if sigma <= 0:
@@ -24,7 +30,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     k = gaussian_kernel1d(sigma).to(maps.dtype)
     r = (k.numel() - 1) // 2
     x = maps[:, None]
-    pad_mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    pad_mode = _padding_mode(*x.shape[-2:], r)
     x = F.pad(x, (r, r, 0, 0), mode=pad_mode)
     x = F.conv2d(x, k.view(1, 1, 1, -1))
     x = F.pad(x, (0, 0, r, r), mode=pad_mode)
@@ -57,7 +63,7 @@ def _axis_operator(n_in: int, n_out: int, sigma: float, pad_mode: str) -> torch.
 @functools.lru_cache(maxsize=32)
 def _map_factors(h: int, w: int, height: int, width: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     r = (gaussian_kernel1d(sigma).numel() - 1) // 2 if sigma > 0 else 0
-    pad_mode = "reflect" if min(height, width) > r else "replicate"  # gaussian_blur's rule
+    pad_mode = _padding_mode(height, width, r)
     return _axis_operator(h, height, sigma, pad_mode), _axis_operator(w, width, sigma, pad_mode).T.contiguous()
 
 

@@ -123,6 +123,19 @@ def rca_whitening(residuals: np.ndarray) -> np.ndarray:
     return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
 
 
+def top_k_mean(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P) patch logits -> (B,) image logits: the mean of each row's k highest (multiple-instance
+    pooling of the supervised head)."""
+    return logits.topk(k, dim=1).values.mean(1)
+
+
+def fuse(distance, head, fusion):
+    """The fused score of the distance and the head (module docstring): w (d - m_d) / sd_d +
+    (1 - w) (h - m_h) / sd_h, with fusion = (w, m_d, sd_d, m_h, sd_h); arrays or tensors alike."""
+    w, md, sd, mh, sh = fusion
+    return w * (distance - md) / sd + (1 - w) * (head - mh) / sh
+
+
 def top_patches(distances: np.ndarray, share: float) -> np.ndarray:
     """(N, P) patch distances -> (N, k) indices of each row's k = max(1, round(share P)) largest."""
     k = max(1, int(round(share * distances.shape[1])))
@@ -543,8 +556,7 @@ class PatchMetric(Detector):
         return nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
 
     def _pooled(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, P) patch logits -> (B,) image logits: the mean of each image's head_k highest."""
-        return logits.topk(self.head_k, dim=1).values.mean(1)
+        return top_k_mean(logits, self.head_k)
 
     def _head_patches(self, head: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """(B, P, D) standardised rows -> (B, P) patch logits."""
@@ -556,7 +568,7 @@ class PatchMetric(Detector):
         return smooth_map(grid_values.reshape(-1, *self.grid_), self.input_size, self.sigma)
 
     def _distance_scores(self, z: torch.Tensor) -> np.ndarray:
-        out = [self._grid_maps(self._patch_distances(z[sl], standardised=True)).amax(dim=(1, 2))
+        out = [self._grid_maps(self._patch_distances(z[sl])).amax(dim=(1, 2))
                for sl in batches(len(z), self.feature_batch)]
         return torch.cat(out).numpy().astype(np.float64)
 
@@ -580,9 +592,8 @@ class PatchMetric(Detector):
             h_val, h_held = self._head_scores(head, val_z), self._head_scores(head, defect_z[torch.from_numpy(held)])
             mh, sh = h_val.mean(), max(h_val.std(), 1e-6)
             y = np.r_[np.zeros(len(val_z)), np.ones(len(held))]
-            zd = (np.r_[d_val, d_def[held]] - md) / sd
-            zh = (np.r_[h_val, h_held] - mh) / sh
-            cv += [roc_auc_score(y, w * zd + (1 - w) * zh) for w in FUSION_WEIGHTS]
+            d, h = np.r_[d_val, d_def[held]], np.r_[h_val, h_held]
+            cv += [roc_auc_score(y, fuse(d, h, (w, md, sd, mh, sh))) for w in FUSION_WEIGHTS]
         w = FUSION_WEIGHTS[int(np.argmax(cv))] if folds else 0.5
         self.head_ = self._train_head(train_z, defect_z, self.seed)
         h_val = self._head_scores(self.head_, val_z)
@@ -615,8 +626,7 @@ class PatchMetric(Detector):
         pos = np.concatenate([p for _, p in parts])
         m = len(neg)
         if self.positives == "position":
-            ia = torch.from_numpy(rng.integers(0, n_img, m))
-            ip = (ia + torch.from_numpy(rng.integers(1, max(n_img, 2), m))) % n_img
+            ia, ip = _image_pairs(rng, n_img, m)
             p_t = torch.from_numpy(pos)
             anchor = self.means_[p_t] if self.anchor == "mean" else good[ia, p_t]
             positive = good[ip, p_t]
@@ -641,11 +651,10 @@ class PatchMetric(Detector):
         return hypersphere_loss(p, a, n, a, self.radius, self.margin_value)
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def _patch_distances(self, raw: torch.Tensor, standardised: bool = False) -> torch.Tensor:
-        """Patch features (B, P, D), raw (or standardised) -> (B, P) distances to the good memory
-        (or centres)."""
-        b, n_pos, dim = raw.shape
-        emb = self._embed_rows(raw if standardised else self._standardise(raw))
+    def _patch_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardised patch features (B, P, D) -> (B, P) distances to the good memory (or centres)."""
+        b, n_pos, _ = z.shape
+        emb = self._embed_rows(z)
         if self.scoring == "centres":
             return (emb - self.centres_[None]).norm(dim=-1)
         return self.memory.nearest(emb.reshape(-1, emb.shape[-1]))[0].reshape(b, n_pos)
@@ -655,7 +664,7 @@ class PatchMetric(Detector):
         for sl in track(batches(len(images), self.feature_batch), "patch-metric: scoring"):
             raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
             z = self._standardise(raw)
-            dist = self._patch_distances(z, standardised=True)
+            dist = self._patch_distances(z)
             if self.head_ is None:
                 amap = self._grid_maps(dist)
                 score = amap.amax(dim=(1, 2))
@@ -667,12 +676,9 @@ class PatchMetric(Detector):
 
     def _fused(self, dist: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P) distances and head logits -> (fused scores (B,), fused maps (B, H, W))."""
-        w, md, sd, mh, sh = (float(v) for v in self.fusion_)
-        s_d = self._grid_maps(dist).amax(dim=(1, 2))
-        s_h = self._pooled(logits)
-        score = w * (s_d - md) / sd + (1 - w) * (s_h - mh) / sh
-        amap = self._grid_maps(w * (dist - md) / sd + (1 - w) * (logits - mh) / sh)
-        return score, amap
+        fusion = tuple(float(v) for v in self.fusion_)
+        score = fuse(self._grid_maps(dist).amax(dim=(1, 2)), self._pooled(logits), fusion)
+        return score, self._grid_maps(fuse(dist, logits, fusion))
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """For the report's embedding scatter: the adapted embedding (N, E) of each image's most
@@ -681,9 +687,9 @@ class PatchMetric(Detector):
         images = check_images(images)
         out = []
         for sl in batches(len(images), self.feature_batch):
-            raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
-            worst = self._patch_distances(raw).argmax(1)
-            emb = self._embed_rows(self._standardise(raw[torch.arange(len(raw)), worst]))
+            z = self._standardise(self._raw_features(prepare_batch(list(images[sl]), self.input_size)))
+            worst = self._patch_distances(z).argmax(1)
+            emb = self._embed_rows(z[torch.arange(len(z)), worst])
             out.append(emb.numpy())
         return np.concatenate(out)
 
@@ -733,12 +739,18 @@ class PatchMetric(Detector):
                 raise ModelFormatError(f"patch-metric fusion has shape {tuple(self.fusion_.shape)}, expected (5,)")
 
 
+def _image_pairs(rng: np.random.Generator, n_images: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random pairs (i, j) of indices of two different images among n_images (the same image
+    when there is only one)."""
+    i = torch.from_numpy(rng.integers(0, n_images, n))
+    return i, (i + torch.from_numpy(rng.integers(1, max(n_images, 2), n))) % n_images
+
+
 def _same_position_differences(patches: torch.Tensor, rng: np.random.Generator, n: int = 4096) -> torch.Tensor:
     """(N, P, D) patches of N images -> (n, D) differences of random pairs of patches at the same
     position of two different images."""
     n_images, n_pos, _ = patches.shape
-    i = torch.from_numpy(rng.integers(0, n_images, n))
-    j = (i + torch.from_numpy(rng.integers(1, max(n_images, 2), n))) % n_images
+    i, j = _image_pairs(rng, n_images, n)
     p = torch.from_numpy(rng.integers(0, n_pos, n))
     return patches[i, p] - patches[j, p]
 
@@ -804,8 +816,8 @@ class PatchMetricScoring(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = locally_aware_features(self.extractor(normalise(image)))
-        raw = feats.flatten(2).transpose(1, 2)  # (B, P, D)
-        emb = self.adaptor((raw - self.mu) / self.scale)
+        z = (feats.flatten(2).transpose(1, 2) - self.mu) / self.scale  # (B, P, D) standardised
+        emb = self.adaptor(z)
         if self.normalised:
             emb = F.normalize(emb, dim=-1)
         n_pos = self.grid[0] * self.grid[1]
@@ -819,8 +831,6 @@ class PatchMetricScoring(nn.Module):
         s_d, amap = self.head(dist.reshape(-1, self.grid[0], self.grid[1]))
         if self.patch_head is None:
             return s_d, amap
-        w, md, sd, mh, sh = self.fusion
-        logits = self.patch_head((raw - self.mu) / self.scale).squeeze(-1)
-        s_h = logits.topk(self.head_k, dim=1).values.mean(1)
-        _, amap = self.head((w * (dist - md) / sd + (1 - w) * (logits - mh) / sh).reshape(-1, *self.grid))
-        return w * (s_d - md) / sd + (1 - w) * (s_h - mh) / sh, amap
+        logits = self.patch_head(z).squeeze(-1)
+        _, amap = self.head(fuse(dist, logits, self.fusion).reshape(-1, *self.grid))
+        return fuse(s_d, top_k_mean(logits, self.head_k), self.fusion), amap
