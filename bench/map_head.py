@@ -58,16 +58,6 @@ def main() -> None:
         options.intra_op_num_threads = 1
         return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
-    def median_ms(sess, x, n=50, warmup=5):
-        for _ in range(warmup):
-            sess.run(None, {"grid": x})
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            sess.run(None, {"grid": x})
-            times.append(1000 * (time.perf_counter() - t))
-        return statistics.median(times)
-
     rows = []
     rng = np.random.default_rng(0)
     for label, grid_shape in GRIDS.items():
@@ -78,12 +68,12 @@ def main() -> None:
             # alternate the two, so that a drift of the machine's speed hits both alike
             a, b = [], []
             for _ in range(3):
-                a.append(median_ms(conv, x, n=20))
-                b.append(median_ms(prod, x, n=20))
+                a.append(median_ms([lambda: conv.run(None, {"grid": x})] * 20))
+                b.append(median_ms([lambda: prod.run(None, {"grid": x})] * 20))
             rows.append({"grid": label, "batch": batch, "convolutions_ms": round(statistics.median(a), 3),
                          "products_ms": round(statistics.median(b), 3), "max_abs_difference": diff})
             print(rows[-1], flush=True)
-    graphs = whole_graphs(Convolutions, median_ms_images)
+    graphs = whole_graphs(Convolutions)
     payload = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus, onnxruntime {ort.__version__}, "
                           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, load average "
                           f"{os.getloadavg()[0]:.1f}", "threads": 1, "sigma": SIGMA, "size": SIZE, "rows": rows,
@@ -107,18 +97,20 @@ def main() -> None:
     (RESULTS / "map_head.md").write_text("\n".join(lines) + "\n")
 
 
-def median_ms_images(scorer, cells, warmup=5):
-    for c in cells[:warmup]:
-        scorer.score([c])
+def median_ms(calls, warmup=5):
+    """Median ms of each call of ``calls`` (zero-argument callables), after running the first
+    ``warmup`` of them once untimed."""
+    for call in calls[:warmup]:
+        call()
     times = []
-    for c in cells:
+    for call in calls:
         t = time.perf_counter()
-        scorer.score([c])
+        call()
         times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
-def whole_graphs(Convolutions, median_ms_images) -> list[dict]:
+def whole_graphs(Convolutions) -> list[dict]:
     import numpy as np
     import torch
 
@@ -151,8 +143,8 @@ def whole_graphs(Convolutions, median_ms_images) -> list[dict]:
         diff = float(np.abs(a_scorer.score(cells[:8])[0] - b_scorer.score(cells[:8])[0]).max())
         a, b = [], []
         for _ in range(5):
-            a.append(median_ms_images(a_scorer, cells))
-            b.append(median_ms_images(b_scorer, cells))
+            a.append(median_ms([lambda c=c: a_scorer.score([c]) for c in cells]))
+            b.append(median_ms([lambda c=c: b_scorer.score([c]) for c in cells]))
         out.append({"model": f"{name} (defaults)", "convolutions_ms": round(statistics.median(a), 2),
                     "products_ms": round(statistics.median(b), 2), "max_score_difference": diff,
                     "rounds_ms": {"convolutions": [round(x, 2) for x in a], "products": [round(x, 2) for x in b]},
