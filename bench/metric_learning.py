@@ -139,7 +139,11 @@ def cached_extractor(extractor, stages, backbone: str = "lite0"):
 
 
 def attach_cache(det) -> None:
-    """Give detectors with a lazily built ``_extractor`` the cached one (same taps, same numbers)."""
+    """Give detectors with a lazily built ``_extractor`` the cached one (same taps, same numbers).
+    patch-metric with a tuned head runs the backbone in two parts (trunk, then the frozen and the
+    tuned rest), which the cache of whole passes cannot serve: it runs uncached."""
+    if getattr(det, "tuned", False):
+        return
     if hasattr(det, "_extractor") and hasattr(det, "extractor"):
         from gaikan.backbones.features import FeatureExtractor
 

@@ -56,6 +56,30 @@ def test_taps_have_the_documented_strides_and_channels():
     assert [tuple(f.shape[-2:]) for f in feats] == [(56, 40), (28, 20), (14, 10)]
 
 
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_trunk_then_tail_is_the_whole_pass_and_a_copied_tail_trains_alone(start):
+    ext = FeatureExtractor((2, 4))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = ext(x)
+        trunk = ext.trunk(x, start)
+        shared, copied = ext.tail(start)(trunk), ext.tail(start, copy=True)(trunk)
+    if start:  # the trunk ends with the stage before ``start``
+        assert trunk.shape[1] == stage_channels()[start - 1]
+    for a, b, c in zip(whole, shared, copied):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    # a copy's weights are its own: changing them leaves the extractor (and a shared tail) as they were
+    copy = ext.tail(start, copy=True)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(1.0)
+        assert all(torch.equal(u, v) for u, v in zip(ext(x), whole))
+        assert not torch.equal(copy(trunk)[0], whole[0])
+    with pytest.raises(GaikanError, match="first tapped stage"):
+        ext.tail(3)
+
+
 def test_grayscale_is_replicated_and_dtypes_agree():
     gray = (np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)
     as_rgb = np.repeat(gray[:, :, None], 3, axis=2)

@@ -25,5 +25,13 @@ VARIANTS.update({
     "patch-metric[coreset_sample=1000]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], coreset_sample=1000)),
     "patch-metric[backbone=lite2]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], backbone="lite2")),
     "patch-metric[init=rca]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], init="rca")),
+    # fitted with labelled defects too (WITH_DEFECTS): the supervised head, on frozen or tuned features
+    "patch-metric[head=auto]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], head_steps=100)),
+    "patch-metric[head_features=tuned]": ("patch-metric", dict(FAST_SETTINGS["patch-metric"], head_features="tuned",
+                                                                tune_steps=30)),
 })
+
+#: variants that the shared checks fit on labelled defective images as well as the goods (as the
+#: supervised detectors), so that what they learn from the defects is checked too
+WITH_DEFECTS = {"patch-metric[head=auto]", "patch-metric[head_features=tuned]"}
 

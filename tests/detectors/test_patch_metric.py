@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from gaikan.backbones.features import prepare_batch
 from gaikan.data.synthetic import make_defect_dataset
 from gaikan.detectors.base import load_detector
 from gaikan.detectors.patch_metric import PatchAdaptor, PatchMetric, mask_coverage, rca_whitening, top_patches
-from gaikan.errors import SettingsError
+from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.evaluation.metrics import image_auroc
 
 SMALL = dict(image_size=64, epochs=6, steps_per_epoch=25, batch_size=128, coreset_fraction=0.2)
@@ -264,3 +265,44 @@ def test_onnx_export_with_the_supervised_head_gives_the_torch_scores(small_task,
     np.testing.assert_allclose(scores, torch_result.scores, rtol=1e-4, atol=1e-4)
     span = float(torch_result.maps.max() - torch_result.maps.min())
     np.testing.assert_allclose(maps, torch_result.maps, rtol=0, atol=1e-4 * max(span, 1.0))
+
+
+def test_tuned_head_fine_tunes_its_own_backbone_copy_and_leaves_the_distance_as_it_was(small_task, tmp_path):
+    from gaikan.edge import EdgeScorer
+    from gaikan.export.onnx_export import export_onnx
+
+    images, labels, eval_images, eval_labels = _with_labelled_defects(small_task)
+    frozen = PatchMetric(**SMALL, head_steps=200).fit(images, labels)
+    det = PatchMetric(**SMALL, head_features="tuned", tune_steps=60).fit(images, labels)
+    assert det.train_info_["head"] == "trained" and det.fit_info_["fusion"]["chosen_by"] == "2-fold cross-validation"
+    # the head's copy of the backbone moved; the extractor (the distance's features) did not
+    tuned, shared = det.head_.tail.state_dict(), det.tail.state_dict()
+    assert tuned.keys() == shared.keys()
+    assert any(not torch.equal(tuned[k], shared[k]) for k in tuned)
+    assert all(torch.equal(v, frozen.tail.state_dict()[k]) for k, v in shared.items())
+    assert torch.equal(det.bank_, frozen.bank_)  # the same memory as with the frozen head
+    # the tuned head alone ranks the unseen defects; the fused score too
+    result = det.score(eval_images)
+    assert image_auroc(eval_labels, result.scores) >= 0.9
+    assert result.maps.shape == (len(eval_images), 64, 64)
+    _, head_input = det._scoring_inputs(prepare_batch(eval_images, det.input_size))
+    assert image_auroc(eval_labels, det._pooled(det._head_patches(det.head_, head_input)).numpy()) >= 0.8
+    # reload: the same scores and maps; the ONNX graph gives them too
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    reloaded = again.score(eval_images[:6])
+    np.testing.assert_array_equal(reloaded.scores, result.scores[:6])
+    np.testing.assert_array_equal(reloaded.maps, result.maps[:6])
+    scores, maps = EdgeScorer(export_onnx(det, tmp_path / "pm.onnx"), batch_size=4).score(eval_images[:6])
+    np.testing.assert_allclose(scores, result.scores[:6], rtol=1e-4, atol=1e-4)
+    span = float(result.maps.max() - result.maps.min())
+    np.testing.assert_allclose(maps, result.maps[:6], rtol=0, atol=1e-4 * max(span, 1.0))
+    # a frozen-head model cannot read a tuned head's tensors: refused, not half-loaded
+    (tmp_path / "m" / "manifest.json").write_text(
+        (tmp_path / "m" / "manifest.json").read_text().replace('"head_features": "tuned"', '"head_features": "frozen"'))
+    with pytest.raises(ModelFormatError, match="head does not match"):
+        load_detector(tmp_path / "m")
+    with pytest.raises(SettingsError, match="head_features"):
+        PatchMetric(head_features="trained")
+    with pytest.raises(SettingsError, match="tune_steps"):
+        PatchMetric(tune_steps=0)

@@ -9,7 +9,7 @@ from gaikan.detectors.base import get_detector_class, load_detector
 from gaikan.errors import GaikanError, NotFittedError, SettingsError
 from gaikan.evaluation.metrics import image_auroc
 
-from fast_settings import VARIANTS
+from fast_settings import VARIANTS, WITH_DEFECTS
 
 NAMES = sorted(VARIANTS)
 
@@ -19,9 +19,9 @@ def _make(label):
     return get_detector_class(name)(**settings)
 
 
-def _fit(det, split):
+def _fit(det, split, label=""):
     train = split.train
-    if det.supervised:
+    if det.supervised or label in WITH_DEFECTS:
         # supervised detectors also see half of the defects (the test keeps the other half)
         n = len(split.test) // 2
         extra = split.test.subset(np.arange(len(split.test))[split.test.labels == 1][: n // 2])
@@ -32,7 +32,7 @@ def _fit(det, split):
 @pytest.fixture(scope="module", params=NAMES)
 def fitted(request, defect_split):
     det = _make(request.param)
-    assert _fit(det, defect_split) is det
+    assert _fit(det, defect_split, request.param) is det
     return det
 
 

@@ -16,6 +16,7 @@ of Lite0 and Lite1 / of Lite2:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Sequence
 
 import numpy as np
@@ -101,6 +102,50 @@ class FeatureExtractor(nn.Module):
             if i in tap_after:
                 taps[tap_after[i]] = x
         return taps
+
+    def trunk(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The input of stage ``start`` (B, C, h, w): the stem and every block before that stage."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[: _stage_begin(self.backbone, start)]:
+            x = block(x)
+        return x
+
+    def tail(self, start: int, *, copy: bool = False) -> "TapTail":
+        """Stages ``start`` .. the deepest tap as a module of their own: the trunk's output -> the
+        taps. ``copy``: its own weights (to fine-tune; the extractor stays as it is), else shared."""
+        return TapTail(self, start, copy=copy)
+
+
+class TapTail(nn.Module):
+    """The blocks of a FeatureExtractor from stage ``start`` to its deepest tap: (B, C, h, w), the
+    extractor's ``trunk(x, start)`` -> its taps, in the order of its ``stages`` (so that
+    ``tail(trunk(x))`` equals ``extractor(x)``). ``start`` must not be above the first tapped stage."""
+
+    def __init__(self, extractor: FeatureExtractor, start: int, *, copy: bool = False):
+        super().__init__()
+        if not 0 <= start <= min(extractor.stages):
+            raise SettingsError(f"a tail must start at or before the first tapped stage "
+                                f"{min(extractor.stages)}, got {start}")
+        self.start = int(start)
+        self.stages = list(extractor.stages)
+        first = _stage_begin(extractor.backbone, start)
+        blocks = extractor._blocks[first:]
+        self.blocks = nn.ModuleList(deepcopy(list(blocks)) if copy else list(blocks))
+        self._tap_after = {i - first: s for i, s in extractor._tap_after.items()}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self._tap_after:
+                taps[self._tap_after[i]] = x
+        return [taps[s] for s in self.stages]
+
+
+def _stage_begin(backbone: str, stage: int) -> int:
+    """Index of the first block of a stage in the flat block list."""
+    return 0 if stage == 0 else _stage_end(backbone)[stage - 1] + 1
 
 
 def normalise(batch: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,14 @@ each part standardised on held-out good images (the adaptor's validation goods, 
 memory and of the head's training), w in {0, 0.1, .., 1} chosen by 2-fold cross-validation over the
 defective images (AUROC of the held-out fold against the held-out goods). The map is the same
 combination of the two patch grids, upsampled and smoothed.
+
+``head_features="tuned"``: the head reads its own copy of the backbone from the first tapped stage
+on (Lite0's default taps: stages 2-4, 0.7 M weights), fine-tuned with the MLP (Adam, 1e-4 for the
+copy, 1e-3 for the MLP; ``tune_steps`` steps of 16 good + 16 defective images, each in a random one
+of four orientations: as is and flipped left-right, up-down or both). The trunk before it (stem,
+stages 0-1) is shared and runs once per image; the distance keeps the frozen features, so the memory
+is the one a frozen head's fit gets. Fusion and its cross-validation as above (each of the three
+trainings fine-tunes its own copy).
 """
 
 from __future__ import annotations
@@ -96,6 +104,12 @@ POSITIVES = ("position", "neighbour")
 NEGATIVES = ("auto", "synthetic", "real", "both", "noise")
 SCORINGS = ("memory", "centres")
 HEADS = ("auto", "none")
+HEAD_FEATURES = ("frozen", "tuned")
+#: head_features=tuned: the backbone's learning rate (the MLP's is 1e-3), images of each class per step,
+#: and the orientations the training images are seen in (identity, left-right, up-down, both flips)
+TUNE_LR = 1e-4
+TUNE_BATCH = 16
+TUNE_FLIPS = ((), (3,), (2,), (2, 3))
 INITS = ("identity", "rca")
 #: the fusion weights of the distance tried by the head's cross-validation
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -201,6 +215,9 @@ class PatchMetric(Detector):
             defaults (2%, 16-d, 262,144) scored lower here: docs/patch_metric.md.
         head: auto (a supervised patch head fused with the distance when labelled defective images
             are given: module docstring) | none; head_hidden, head_steps: its width and Adam steps.
+        head_features: frozen (the head reads the distance's features) | tuned (it reads its own copy
+            of the backbone from the first tapped stage on, fine-tuned with it for tune_steps steps on
+            the labelled images and their flips: module docstring); the distance stays on the frozen one.
         sigma: Gaussian smoothing of the map; feature_batch: images per backbone pass; seed.
     """
 
@@ -215,12 +232,15 @@ class PatchMetric(Detector):
                  lr: float = 1e-3, val_fraction: float = 0.1, scoring: str = "memory",
                  coreset_fraction: float = 0.01, coreset_sample: int = 524288, projection_dim: int = 128,
                  sigma: float = 4.0, backbone: str = "lite0", head: str = "auto", head_hidden: int = 64,
-                 head_steps: int = 600, init: str = "identity", feature_batch: int = 8, seed: int = 0):
+                 head_steps: int = 600, head_features: str = "frozen", tune_steps: int = 400,
+                 init: str = "identity", feature_batch: int = 8, seed: int = 0):
         self.image_size = int(image_size)
         self.backbone = check_choice(str(backbone), BACKBONES, "backbone")
         self.head = check_choice(str(head), HEADS, "head")
         self.head_hidden = int(head_hidden)
         self.head_steps = int(head_steps)
+        self.head_features = check_choice(str(head_features), HEAD_FEATURES, "head_features")
+        self.tune_steps = int(tune_steps)
         self.init = check_choice(str(init), INITS, "init")
         self.stages = tuple(int(s) for s in stages)
         self.embedding_dim = int(embedding_dim)
@@ -250,6 +270,7 @@ class PatchMetric(Detector):
         self.seed = int(seed)
         self._check_settings()
         self._extractor: FeatureExtractor | None = None
+        self._tail: nn.Module | None = None
         self._memory: MemoryBank | None = None
 
     def _check_settings(self) -> None:
@@ -257,8 +278,8 @@ class PatchMetric(Detector):
             raise SettingsError(f"image_size must be at least 32, got {self.image_size}")
         if self.embedding_dim < 0 or self.hidden < 0:
             raise SettingsError("embedding_dim and hidden must be >= 0")
-        if self.head_hidden < 1 or self.head_steps < 1:
-            raise SettingsError("head_hidden and head_steps must be >= 1")
+        if self.head_hidden < 1 or self.head_steps < 1 or self.tune_steps < 1:
+            raise SettingsError("head_hidden, head_steps and tune_steps must be >= 1")
         if self.epochs < 0 or self.steps_per_epoch < 1 or self.batch_size < 2 or self.feature_batch < 1:
             raise SettingsError("epochs must be >= 0, steps_per_epoch and feature_batch >= 1, batch_size >= 2")
         if not 0.0 < self.coreset_fraction <= 1.0:
@@ -306,6 +327,23 @@ class PatchMetric(Detector):
         return self._extractor
 
     @property
+    def tuned(self) -> bool:
+        """The head reads fine-tuned features (head_features=tuned)."""
+        return self.head_features == "tuned"
+
+    @property
+    def tune_start(self) -> int:
+        """The first backbone stage the tuned head has its own copy of: the first tapped one."""
+        return min(self.stages)
+
+    @property
+    def tail(self) -> nn.Module:
+        """The frozen backbone from ``tune_start`` on (its weights shared with the extractor)."""
+        if self._tail is None:
+            self._tail = self.extractor.tail(self.tune_start)
+        return self._tail
+
+    @property
     def memory(self) -> MemoryBank:
         if self._memory is None:
             self._memory = MemoryBank(self.bank_)
@@ -315,9 +353,33 @@ class PatchMetric(Detector):
     def _raw_features(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised backbone input (B, 3, H, W) -> raw patch features (B, P, D)."""
         with torch.no_grad():
-            feats = locally_aware_features(self.extractor(batch))
+            return self._patch_rows(self.extractor(batch))
+
+    def _patch_rows(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        feats = locally_aware_features(taps)
         self.grid_ = tuple(int(g) for g in feats.shape[-2:])
         return feats.flatten(2).transpose(1, 2).contiguous()
+
+    def _scoring_inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input -> (standardised frozen patch features (B, P, D), the head's input): the
+        same features, or with a tuned head the trunk's output (one trunk pass feeds both)."""
+        with torch.no_grad():
+            if not (self.tuned and self.head_ is not None):
+                z = self._standardise(self._raw_features(batch))
+                return z, z
+            trunk = self.extractor.trunk(batch, self.tune_start)
+            return self._standardise(self._patch_rows(self.tail(trunk))), trunk
+
+    def _trunks(self, images: Sequence[np.ndarray], description: str) -> torch.Tensor:
+        """Images -> (N, len(TUNE_FLIPS), C, h, w) float16: the trunk's output of every orientation,
+        the tuned head's training inputs (computed once; half precision halves their memory)."""
+        out = []
+        for sl in track(batches(len(images), self.feature_batch), description):
+            x = prepare_batch(list(images[sl]), self.input_size)
+            with torch.no_grad():
+                out.append(torch.stack([self.extractor.trunk(torch.flip(x, f) if f else x, self.tune_start)
+                                        .contiguous() for f in TUNE_FLIPS], 1).half())
+        return torch.cat(out)
 
     def patch_features(self, images: Sequence[np.ndarray], description: str = "patch-metric: features") -> torch.Tensor:
         """Images -> raw patch features (N, P, D), in batches of ``feature_batch``."""
@@ -513,7 +575,15 @@ class PatchMetric(Detector):
         self._memory = None
         if use_head:
             middle = time.perf_counter()
-            self._fit_head(good[torch.from_numpy(~good_val)], good[torch.from_numpy(good_val)], defect_z, rng)
+            val = torch.from_numpy(good_val)
+            distances = self._distance_scores(good[val]), self._distance_scores(defect_z)
+            if self.tuned:  # the head's inputs: the trunk's outputs, in every orientation
+                trunks = self._trunks(images, "patch-metric: good images for the tuned head")
+                inputs = trunks[~val], trunks[val], self._trunks(given, "patch-metric: defect images for the tuned head")
+                del trunks
+            else:
+                inputs = good[~val], good[val], defect_z
+            self._fit_head(*inputs, distances, rng)
             self.fit_seconds_["head"] = time.perf_counter() - middle
 
     def _rca_weight(self, good: torch.Tensor, held: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -534,34 +604,54 @@ class PatchMetric(Detector):
         """Patches pooled into an image's head logit (the defect_patches share of the grid)."""
         return max(1, int(round(self.defect_patches * self.grid_[0] * self.grid_[1])))
 
-    def _train_head(self, good_z: torch.Tensor, defect_z: torch.Tensor, seed: int) -> nn.Module:
-        """A per-patch MLP, BCE on image labels with top-k pooling; (n, P, D) standardised rows."""
+    def _train_head(self, good_in: torch.Tensor, defect_in: torch.Tensor, seed: int) -> nn.Module:
+        """A per-patch MLP, BCE on image labels with top-k pooling. Inputs: (n, P, D) standardised rows,
+        or with a tuned head (n, orientations, C, h, w) trunk outputs, each image drawn in a random
+        orientation, and the backbone copy trained with the MLP."""
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        head = self._new_head(good_z.shape[-1])
-        opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
-        n = min(32, len(good_z), len(defect_z))
+        head = self._new_head()
+        if self.tuned:
+            for p in head.tail.parameters():
+                p.requires_grad_(True)
+            groups = [{"params": head.tail.parameters(), "lr": TUNE_LR}, {"params": head.mlp.parameters()}]
+            steps, n = self.tune_steps, min(TUNE_BATCH, len(good_in), len(defect_in))
+        else:
+            groups, steps, n = head.parameters(), self.head_steps, min(32, len(good_in), len(defect_in))
+        opt = torch.optim.Adam(groups, lr=1e-3, weight_decay=1e-4)
         target = torch.cat([torch.zeros(n), torch.ones(n)])
-        for _ in range(self.head_steps):
-            rows = torch.cat([good_z[torch.from_numpy(rng.integers(0, len(good_z), n))],
-                              defect_z[torch.from_numpy(rng.integers(0, len(defect_z), n))]])
-            logits = self._pooled(head(rows).squeeze(-1))
+
+        def draw(rows):
+            pick = torch.from_numpy(rng.integers(0, len(rows), n))
+            if not self.tuned:
+                return rows[pick]
+            return rows[pick, torch.from_numpy(rng.integers(0, rows.shape[1], n))].float()
+
+        for _ in track(range(steps), "patch-metric: fine-tuning the head") if self.tuned else range(steps):
+            logits = self._pooled(head(torch.cat([draw(good_in), draw(defect_in)])).squeeze(-1))
             loss = F.binary_cross_entropy_with_logits(logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
         return _frozen(head)
 
-    def _new_head(self, dim: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(dim, self.head_hidden), nn.LeakyReLU(0.2), nn.Linear(self.head_hidden, 1))
+    def _new_head(self) -> nn.Module:
+        mlp = nn.Sequential(nn.Linear(self.feature_dim, self.head_hidden), nn.LeakyReLU(0.2),
+                            nn.Linear(self.head_hidden, 1))
+        if not self.tuned:
+            return mlp
+        return TunedHead(self.extractor.tail(self.tune_start, copy=True), mlp, self.mu_, float(self.scale_))
 
     def _pooled(self, logits: torch.Tensor) -> torch.Tensor:
         return top_k_mean(logits, self.head_k)
 
-    def _head_patches(self, head: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        """(B, P, D) standardised rows -> (B, P) patch logits."""
+    def _head_patches(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The head's input (B, P, D) standardised rows, or a tuned head's (B, C, h, w) trunk
+        outputs (the first orientation of (B, orientations, C, h, w)) -> (B, P) patch logits."""
+        if self.tuned and x.dim() == 5:
+            x = x[:, 0].float()
         with torch.no_grad():
-            return head(z).squeeze(-1)
+            return head(x).squeeze(-1)
 
     def _grid_maps(self, grid_values: torch.Tensor) -> torch.Tensor:
         """(B, P) patch values -> (B, H, W) maps: upsampled to the working size and smoothed."""
@@ -578,10 +668,13 @@ class PatchMetric(Detector):
         return torch.cat(out).numpy().astype(np.float64)
 
     def _fit_head(self, train_z: torch.Tensor, val_z: torch.Tensor, defect_z: torch.Tensor,
-                  rng: np.random.Generator) -> None:
+                  distances: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> None:
+        """The head and its fusion weight. train_z, val_z, defect_z: the head's inputs of the training
+        goods, the held-out goods and the defective images; distances: the held-out goods' and the
+        defective images' distance scores."""
         from sklearn.metrics import roc_auc_score
 
-        d_val, d_def = self._distance_scores(val_z), self._distance_scores(defect_z)
+        d_val, d_def = distances
         md, sd = float(d_val.mean()), max(float(d_val.std()), 1e-6)
         # the distance's weight: 2-fold cross-validation over the defective images
         cv = np.zeros(len(FUSION_WEIGHTS))
@@ -662,14 +755,13 @@ class PatchMetric(Detector):
     def _score(self, images: list[np.ndarray]) -> ScoreResult:
         scores, maps = [], []
         for sl in track(batches(len(images), self.feature_batch), "patch-metric: scoring"):
-            raw = self._raw_features(prepare_batch(list(images[sl]), self.input_size))
-            z = self._standardise(raw)
+            z, head_input = self._scoring_inputs(prepare_batch(list(images[sl]), self.input_size))
             dist = self._patch_distances(z)
             if self.head_ is None:
                 amap = self._grid_maps(dist)
                 score = amap.amax(dim=(1, 2))
             else:
-                score, amap = self._fused(dist, self._head_patches(self.head_, z))
+                score, amap = self._fused(dist, self._head_patches(self.head_, head_input))
             maps.append(amap.numpy())
             scores.append(score.numpy())
         return ScoreResult(np.concatenate(scores).astype(np.float32), np.concatenate(maps))
@@ -733,10 +825,34 @@ class PatchMetric(Detector):
         self._memory = None
         self.head_ = self.fusion_ = None
         if "fusion" in state:
-            self.head_ = _load_frozen(self._new_head(dim), state, "head")
+            self.head_ = _load_frozen(self._new_head(), state, "head")
             self.fusion_ = torch.from_numpy(np.array(state["fusion"], dtype=np.float64))
             if self.fusion_.shape != (5,):
                 raise ModelFormatError(f"patch-metric fusion has shape {tuple(self.fusion_.shape)}, expected (5,)")
+
+
+class TunedHead(nn.Module):
+    """The supervised head on fine-tuned features (head_features=tuned): a copy of the backbone from
+    the first tapped stage on, PatchCore's locally aware features, the frozen standardisation, the
+    per-patch MLP. (B, C, h, w) trunk outputs -> (B, P, 1) patch logits. The copy's batch-norm
+    statistics stay ImageNet's (its layers are kept in evaluation mode): a few hundred images
+    would estimate them worse."""
+
+    def __init__(self, tail: nn.Module, mlp: nn.Module, mu: torch.Tensor, scale: float):
+        super().__init__()
+        self.tail = tail
+        self.mlp = mlp
+        self.register_buffer("mu", mu.clone())
+        self.scale = float(scale)
+
+    def train(self, mode: bool = True) -> "TunedHead":
+        super().train(mode)
+        self.tail.eval()
+        return self
+
+    def forward(self, trunk: torch.Tensor) -> torch.Tensor:
+        feats = locally_aware_features(self.tail(trunk))
+        return self.mlp((feats.flatten(2).transpose(1, 2) - self.mu) / self.scale)
 
 
 def _image_pairs(rng: np.random.Generator, n_images: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -787,7 +903,8 @@ class PatchMetricScoring(nn.Module):
     memory distance by the norm expansion on the centred bank (one MatMul and one ReduceMin), or the
     distance to the position centres, and PatchCore's map head (upsampling, smoothing, max). With a
     supervised head: its patch logits (two MatMuls, LeakyReLU), top-k pooling (TopK, ReduceMean) and
-    the fusion with the distance (module docstring)."""
+    the fusion with the distance (module docstring); a tuned head reads the trunk's output, which
+    the frozen rest of the backbone reads too."""
 
     def __init__(self, detector: PatchMetric):
         super().__init__()
@@ -795,6 +912,10 @@ class PatchMetricScoring(nn.Module):
 
         detector._check_fitted()
         self.extractor = detector.extractor
+        self.tuned = detector.tuned and detector.head_ is not None
+        if self.tuned:
+            self.tune_start = detector.tune_start
+            self.tail = detector.tail
         self.register_buffer("mu", detector.mu_.clone())
         self.scale = float(detector.scale_)
         self.adaptor = detector.adaptor_
@@ -815,8 +936,15 @@ class PatchMetricScoring(nn.Module):
             self.fusion = tuple(float(v) for v in detector.fusion_)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = locally_aware_features(self.extractor(normalise(image)))
+        x = normalise(image)
+        if self.tuned:
+            head_input = self.extractor.trunk(x, self.tune_start)
+            feats = locally_aware_features(self.tail(head_input))
+        else:
+            feats = locally_aware_features(self.extractor(x))
         z = (feats.flatten(2).transpose(1, 2) - self.mu) / self.scale  # (B, P, D) standardised
+        if not self.tuned:
+            head_input = z
         emb = self.adaptor(z)
         if self.normalised:
             emb = F.normalize(emb, dim=-1)
@@ -831,6 +959,6 @@ class PatchMetricScoring(nn.Module):
         s_d, amap = self.head(dist.reshape(-1, self.grid[0], self.grid[1]))
         if self.patch_head is None:
             return s_d, amap
-        logits = self.patch_head(z).squeeze(-1)
+        logits = self.patch_head(head_input).squeeze(-1)
         _, amap = self.head(fuse(dist, logits, self.fusion).reshape(-1, *self.grid))
         return fuse(s_d, top_k_mean(logits, self.head_k), self.fusion), amap
