@@ -33,6 +33,8 @@ def _fit(det, split, label=""):
 def fitted(request, defect_split):
     det = _make(request.param)
     assert _fit(det, defect_split, request.param) is det
+    if request.param in WITH_DEFECTS:  # what these variants are for: a head learnt from the defects
+        assert det.fit_info_.get("head") == "trained"
     return det
 
 
