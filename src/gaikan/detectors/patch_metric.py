@@ -137,6 +137,12 @@ def rca_whitening(residuals: np.ndarray) -> np.ndarray:
     return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
 
 
+def patch_rows(taps: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone taps -> (B, P, D) raw patch features: PatchCore's locally aware features on the first
+    tap's grid, one row per position (row-major)."""
+    return locally_aware_features(taps).flatten(2).transpose(1, 2)
+
+
 def top_k_mean(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(B, P) patch logits -> (B,) image logits: the mean of each row's k highest (multiple-instance
     pooling of the supervised head)."""
@@ -356,9 +362,8 @@ class PatchMetric(Detector):
             return self._patch_rows(self.extractor(batch))
 
     def _patch_rows(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        feats = locally_aware_features(taps)
-        self.grid_ = tuple(int(g) for g in feats.shape[-2:])
-        return feats.flatten(2).transpose(1, 2).contiguous()
+        self.grid_ = tuple(int(g) for g in taps[0].shape[-2:])  # the first tap's grid
+        return patch_rows(taps).contiguous()
 
     def _scoring_inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised input -> (standardised frozen patch features (B, P, D), the head's input): the
@@ -548,8 +553,8 @@ class PatchMetric(Detector):
         _frozen(self.adaptor_)
         self.fit_seconds_["training"] = time.perf_counter() - middle
         self.train_info_ = {"negatives": mode if training else "none: epochs=0", "n_good_images": int(n_good),
-                            "n_synthetic_images": int(n_synth), "n_real_defect_images": int(n_real), "n_negative_patches": int(len(negatives)),
-                            "noise_negatives": self.noise_std > 0}
+                            "n_synthetic_images": int(n_synth), "n_real_defect_images": int(n_real),
+                            "n_negative_patches": int(len(negatives)), "noise_negatives": self.noise_std > 0}
 
         # the supervised head (labelled defects given): needs held-out goods to standardise its fusion
         use_head = defect_z is not None and bool(good_val.any())
@@ -579,7 +584,8 @@ class PatchMetric(Detector):
             distances = self._distance_scores(good[val]), self._distance_scores(defect_z)
             if self.tuned:  # the head's inputs: the trunk's outputs, in every orientation
                 trunks = self._trunks(images, "patch-metric: good images for the tuned head")
-                inputs = trunks[~val], trunks[val], self._trunks(given, "patch-metric: defect images for the tuned head")
+                defects = self._trunks(given, "patch-metric: defect images for the tuned head")
+                inputs = trunks[~val], trunks[val], defects
                 del trunks
             else:
                 inputs = good[~val], good[val], defect_z
@@ -851,8 +857,7 @@ class TunedHead(nn.Module):
         return self
 
     def forward(self, trunk: torch.Tensor) -> torch.Tensor:
-        feats = locally_aware_features(self.tail(trunk))
-        return self.mlp((feats.flatten(2).transpose(1, 2) - self.mu) / self.scale)
+        return self.mlp((patch_rows(self.tail(trunk)) - self.mu) / self.scale)
 
 
 def _image_pairs(rng: np.random.Generator, n_images: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -938,13 +943,12 @@ class PatchMetricScoring(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = normalise(image)
         if self.tuned:
-            head_input = self.extractor.trunk(x, self.tune_start)
-            feats = locally_aware_features(self.tail(head_input))
+            trunk = self.extractor.trunk(x, self.tune_start)
+            taps = self.tail(trunk)
         else:
-            feats = locally_aware_features(self.extractor(x))
-        z = (feats.flatten(2).transpose(1, 2) - self.mu) / self.scale  # (B, P, D) standardised
-        if not self.tuned:
-            head_input = z
+            taps = self.extractor(x)
+        z = (patch_rows(taps) - self.mu) / self.scale  # (B, P, D) standardised
+        head_input = trunk if self.tuned else z
         emb = self.adaptor(z)
         if self.normalised:
             emb = F.normalize(emb, dim=-1)
