@@ -9,7 +9,7 @@ import torch
 from gaikan.backbones.features import prepare_batch
 from gaikan.data.synthetic import make_defect_dataset
 from gaikan.detectors.base import load_detector
-from gaikan.detectors.patch_metric import PatchAdaptor, PatchMetric, mask_coverage, rca_whitening, top_patches
+from gaikan.detectors.patch_metric import CV_RULE, PatchAdaptor, PatchMetric, mask_coverage, rca_whitening, top_patches
 from gaikan.errors import ModelFormatError, SettingsError
 from gaikan.evaluation.metrics import image_auroc
 
@@ -231,7 +231,9 @@ def test_supervised_head_is_trained_on_labelled_defects_and_ranks_the_unseen_one
     det = PatchMetric(**SMALL, head_steps=200).fit(images, labels)
     assert det.train_info_["head"] == "trained"
     fusion = det.train_info_["fusion"]
-    assert fusion["chosen_by"] == "2-fold cross-validation"
+    assert fusion["chosen_by"] == CV_RULE
+    # every good and every labelled defective image is held out by one fold
+    assert (fusion["n_cv_goods"], fusion["n_cv_defects"]) == (det.train_info_["n_good_images"], 6)
     cv = fusion["cv_auroc"]
     assert len(cv) == 11 and cv[str(fusion["distance_weight"])] == max(cv.values())
     assert 0.0 <= fusion["distance_weight"] <= 1.0
@@ -267,6 +269,32 @@ def test_onnx_export_with_the_supervised_head_gives_the_torch_scores(small_task,
     np.testing.assert_allclose(maps, torch_result.maps, rtol=0, atol=1e-4 * max(span, 1.0))
 
 
+def test_the_fusion_weight_is_cross_validated_on_images_the_fold_models_never_saw(small_task, monkeypatch):
+    """Each fold fits a whole model (adaptor, memory, head) on half of the goods and of the labelled
+    defects, and scores the other halves; together the folds hold out every image once."""
+    images, labels, _, _ = _with_labelled_defects(small_task)
+    calls = []
+    fit_rows = PatchMetric._fit_rows
+
+    def recording(self, imgs, good_raw, given, given_raw, start, cross_validate=True):
+        calls.append(({id(i) for i in imgs}, {id(i) for i in given}, cross_validate, self))
+        return fit_rows(self, imgs, good_raw, given, given_raw, start, cross_validate)
+
+    monkeypatch.setattr(PatchMetric, "_fit_rows", recording)
+    det = PatchMetric(**SMALL, head_steps=100).fit(images, labels)
+    (goods, defects, cv, model), *folds = calls
+    assert cv and model is det and len(folds) == 2
+    assert len(defects) == 6 and defects <= {id(i) for i in images}
+    for fold_goods, fold_defects, fold_cv, fold in folds:
+        assert not fold_cv and fold is not det and fold.head_ is not None
+        # an adaptor and a memory of its own, from half of the goods
+        assert fold.adaptor_ is not det.adaptor_ and len(fold.bank_) < len(det.bank_)
+    # the folds' training halves are disjoint, so each image is held out by exactly one fold
+    (g1, d1, *_), (g2, d2, *_) = folds
+    assert g1.isdisjoint(g2) and g1 | g2 == goods and d1.isdisjoint(d2) and d1 | d2 == defects
+    assert det.train_info_["fusion"]["chosen_by"] == CV_RULE
+
+
 def test_tuned_head_fine_tunes_its_own_backbone_copy_and_leaves_the_distance_as_it_was(small_task, tmp_path):
     from gaikan.edge import EdgeScorer
     from gaikan.export.onnx_export import export_onnx
@@ -274,7 +302,7 @@ def test_tuned_head_fine_tunes_its_own_backbone_copy_and_leaves_the_distance_as_
     images, labels, eval_images, eval_labels = _with_labelled_defects(small_task)
     frozen = PatchMetric(**SMALL, head_steps=200).fit(images, labels)
     det = PatchMetric(**SMALL, head_features="tuned", tune_steps=60).fit(images, labels)
-    assert det.train_info_["head"] == "trained" and det.fit_info_["fusion"]["chosen_by"] == "2-fold cross-validation"
+    assert det.train_info_["head"] == "trained" and det.fit_info_["fusion"]["chosen_by"] == CV_RULE
     # the head's copy of the backbone moved; the extractor (the distance's features) did not
     tuned, shared = det.head_.tail.state_dict(), det.tail.state_dict()
     assert tuned.keys() == shared.keys()

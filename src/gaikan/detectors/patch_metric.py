@@ -60,9 +60,12 @@ Supervised head (``head="auto"``, trained only when labelled defective images ar
 labels, an image's logit being the mean of its k highest patch logits (k = ``defect_patches`` x P,
 multiple-instance pooling: no masks are needed). Its score is fused with the distance:
     score = w (s_d - m_d) / sd_d + (1 - w) (s_h - m_h) / sd_h
-each part standardised on held-out good images (the adaptor's validation goods, kept out of the
-memory and of the head's training), w in {0, 0.1, .., 1} chosen by 2-fold cross-validation over the
-defective images (AUROC of the held-out fold against the held-out goods). The map is the same
+each part standardised on held-out good images (the adaptor's validation goods, at least 2, kept
+out of the memory and of the head's training), w in {0, 0.1, .., 1} chosen by 2-fold
+cross-validation: each fold holds out half of the good and half of the defective images and fits a
+whole model of its own (adaptor, memory, head) on the rest, which scores the held-out ones; w
+maximises the mean of the two folds' AUROCs. (The adaptor's negatives are the defects' patches, so a
+fold that reused the final adaptor would score defects it had learned from.) The map is the same
 combination of the two patch grids, upsampled and smoothed.
 
 ``head_features="tuned"``: the head reads its own copy of the backbone from the first tapped stage
@@ -71,7 +74,7 @@ copy, 1e-3 for the MLP; ``tune_steps`` steps of 16 good + 16 defective images, e
 of four orientations: as is and flipped left-right, up-down or both). The trunk before it (stem,
 stages 0-1) is shared and runs once per image; the distance keeps the frozen features, so the memory
 is the one a frozen head's fit gets. Fusion and its cross-validation as above (each of the three
-trainings fine-tunes its own copy).
+heads, the two folds' and the final one, fine-tunes its own copy).
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ TUNE_FLIPS = ((), (3,), (2,), (2, 3))
 INITS = ("identity", "rca")
 #: the fusion weights of the distance tried by the head's cross-validation
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+#: how the fusion weight was chosen (``fit_info_["fusion"]["chosen_by"]``)
+CV_RULE = "2-fold cross-validation, out-of-fold goods and defects"
 #: a synthetic-defect patch is a negative when its mask covers at least this share of its grid cell
 MASK_COVERAGE = 0.05
 #: good patches in the pool that neighbour-mode tuples are drawn from, per step
@@ -460,18 +465,26 @@ class PatchMetric(Detector):
 
     def _fit(self, images: list[np.ndarray], labels: np.ndarray | None) -> None:
         self._check_settings()
-        rng = np.random.default_rng(self.seed)
-        torch.manual_seed(self.seed)
         given = getattr(self, "_given_defects", [])
         mode = self._negative_mode(len(given))
         start = time.perf_counter()
         good_raw = self.patch_features(images)  # (N, P, D)
+        given_raw = self.patch_features(given, "patch-metric: defect images") if mode in ("real", "both") else None
+        self._fit_rows(images, good_raw, given, given_raw, start)
+
+    def _fit_rows(self, images: list[np.ndarray], good_raw: torch.Tensor, given: list[np.ndarray],
+                  given_raw: torch.Tensor | None, start: float, cross_validate: bool = True) -> None:
+        """The fit from the raw patch features of the good images and of the given defective ones
+        (None: not used as negatives); the images themselves for the synthetic defects and a tuned
+        head. ``cross_validate`` False: the fusion weight is not chosen (a fold's own fit)."""
+        rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        mode = self._negative_mode(len(given))
         n_good, n_pos, dim = good_raw.shape
         self.mu_ = good_raw.reshape(-1, dim).mean(0)
         # s: RMS distance between good patches at the same position of two different good images
         self.scale_ = _rms(_same_position_differences(good_raw, rng))
         good = self._standardise(good_raw)
-        del good_raw
 
         # negatives: rows (K, D) standardised, their positions (K,) and source "image" ids for validation
         neg_rows, neg_pos, neg_img = [], [], []
@@ -487,7 +500,7 @@ class PatchMetric(Detector):
             n_synth = len(feats)
             del feats
         if mode in ("real", "both"):
-            feats = self._standardise(self.patch_features(given, "patch-metric: defect images"))
+            feats = self._standardise(given_raw)
             probe = good.reshape(-1, dim)[torch.from_numpy(rng.choice(n_good * n_pos, min(n_good * n_pos, 20000),
                                                                       replace=False))]
             dist = MemoryBank(probe).nearest(feats.reshape(-1, dim))[0].reshape(len(feats), n_pos).numpy()
@@ -513,6 +526,8 @@ class PatchMetric(Detector):
         # training / validation images (validation tuples only give the validation loss curve)
         good_val = np.zeros(n_good, bool)
         n_val = int(self.val_fraction * n_good)
+        if n_real and self.head == "auto" and self.val_fraction > 0:
+            n_val = max(n_val, 2)  # the supervised head standardises its part of the fusion on them
         if n_val >= 2 and n_good - n_val >= 2:
             good_val[rng.permutation(n_good)[:n_val]] = True
         neg_val = np.zeros(len(negatives), bool)
@@ -569,19 +584,12 @@ class PatchMetric(Detector):
         # the memory: adapted good patches (or the adapted mean patch per position)
         middle = time.perf_counter()
         self.centres_ = self._embed_rows(self.means_)
-        if self.scoring == "memory":
-            emb = self._embed_rows(memory_goods.reshape(-1, dim))
-            index = greedy_coreset(emb, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed,
-                                   sample=self.coreset_sample)
-            self.bank_ = emb[index].contiguous()
-        else:
-            self.bank_ = self.centres_.clone()
+        self.bank_ = self._bank(memory_goods) if self.scoring == "memory" else self.centres_.clone()
         self.fit_seconds_["memory"] = time.perf_counter() - middle
         self._memory = None
         if use_head:
             middle = time.perf_counter()
             val = torch.from_numpy(good_val)
-            distances = self._distance_scores(good[val]), self._distance_scores(defect_z)
             if self.tuned:  # the head's inputs: the trunk's outputs, in every orientation
                 trunks = self._trunks(images, "patch-metric: good images for the tuned head")
                 defects = self._trunks(given, "patch-metric: defect images for the tuned head")
@@ -589,7 +597,8 @@ class PatchMetric(Detector):
                 del trunks
             else:
                 inputs = good[~val], good[val], defect_z
-            self._fit_head(*inputs, distances, rng)
+            weight = self._cross_validated_weight(images, good_raw, given, given_raw, rng) if cross_validate else None
+            self._fit_head(*inputs, good[val], weight)
             self.fit_seconds_["head"] = time.perf_counter() - middle
 
     def _rca_weight(self, good: torch.Tensor, held: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -663,6 +672,13 @@ class PatchMetric(Detector):
         """(B, P) patch values -> (B, H, W) maps: upsampled to the working size and smoothed."""
         return smooth_map(grid_values.reshape(-1, *self.grid_), self.input_size, self.sigma)
 
+    def _bank(self, goods: torch.Tensor) -> torch.Tensor:
+        """The memory of standardised good patch rows (n, P, D): their adapted rows' coreset."""
+        emb = self._embed_rows(goods.reshape(-1, goods.shape[-1]))
+        index = greedy_coreset(emb, self.coreset_fraction, projection_dim=self.projection_dim, seed=self.seed,
+                               sample=self.coreset_sample)
+        return emb[index].contiguous()
+
     def _distance_scores(self, z: torch.Tensor) -> np.ndarray:
         out = [self._grid_maps(self._patch_distances(z[sl])).amax(dim=(1, 2))
                for sl in batches(len(z), self.feature_batch)]
@@ -673,36 +689,56 @@ class PatchMetric(Detector):
                for sl in batches(len(z), self.feature_batch)]
         return torch.cat(out).numpy().astype(np.float64)
 
-    def _fit_head(self, train_z: torch.Tensor, val_z: torch.Tensor, defect_z: torch.Tensor,
-                  distances: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> None:
-        """The head and its fusion weight. train_z, val_z, defect_z: the head's inputs of the training
-        goods, the held-out goods and the defective images; distances: the held-out goods' and the
-        defective images' distance scores."""
+    def _cross_validated_weight(self, images: list[np.ndarray], good_raw: torch.Tensor, given: list[np.ndarray],
+                                given_raw: torch.Tensor, rng: np.random.Generator) -> dict | None:
+        """The distance's fusion weight by 2-fold cross-validation, or None (fewer than 4 good or 4
+        defective images). Fold k holds out half of the good and half of the defective images and
+        fits a whole model of its own on the others -- adaptor (whose negatives are the defects'
+        patches), memory and head -- so that its held-out images are scored as unseen ones; their
+        fused scores use its own standardisation. The weight maximises the mean of the two folds'
+        AUROCs (held-out defects against held-out goods: every good image is a negative once)."""
         from sklearn.metrics import roc_auc_score
 
-        d_val, d_def = distances
-        md, sd = float(d_val.mean()), max(float(d_val.std()), 1e-6)
-        # the distance's weight: 2-fold cross-validation over the defective images
+        n_good, n_def = len(images), len(given)
+        if n_def < 4 or n_good < 4:
+            return None
         cv = np.zeros(len(FUSION_WEIGHTS))
-        folds = np.array_split(rng.permutation(len(defect_z)), 2) if len(defect_z) >= 4 else []
-        for f, held in enumerate(folds):
-            rest = np.setdiff1d(np.arange(len(defect_z)), held)
-            head = self._train_head(train_z, defect_z[torch.from_numpy(rest)], self.seed + 1 + f)
-            h_val, h_held = self._head_scores(head, val_z), self._head_scores(head, defect_z[torch.from_numpy(held)])
-            mh, sh = h_val.mean(), max(h_val.std(), 1e-6)
-            y = np.r_[np.zeros(len(val_z)), np.ones(len(held))]
-            d, h = np.r_[d_val, d_def[held]], np.r_[h_val, h_held]
-            cv += [roc_auc_score(y, fuse(d, h, (w, md, sd, mh, sh))) for w in FUSION_WEIGHTS]
-        w = FUSION_WEIGHTS[int(np.argmax(cv))] if folds else 0.5
-        self.head_ = self._train_head(train_z, defect_z, self.seed)
-        h_val = self._head_scores(self.head_, val_z)
+        folds = zip(np.array_split(rng.permutation(n_good), 2), np.array_split(rng.permutation(n_def), 2))
+        for f, (held_g, held_d) in enumerate(folds):
+            rest_g, rest_d = np.setdiff1d(np.arange(n_good), held_g), np.setdiff1d(np.arange(n_def), held_d)
+            fold = type(self)(**{**self.settings(), "seed": self.seed + 1 + f})
+            fold._extractor, fold.grid_ = self.extractor, self.grid_
+            fold._fit_rows([images[i] for i in rest_g], good_raw[torch.from_numpy(rest_g)],
+                           [given[i] for i in rest_d], given_raw[torch.from_numpy(rest_d)], time.perf_counter(),
+                           cross_validate=False)
+            if fold.head_ is None:  # too few goods left to standardise a fold's head on
+                return None
+            held_images = [images[i] for i in held_g] + [given[i] for i in held_d]
+            z = fold._standardise(torch.cat([good_raw[torch.from_numpy(held_g)], given_raw[torch.from_numpy(held_d)]]))
+            head_in = fold._trunks(held_images, "patch-metric: cross-validation") if self.tuned else z
+            d, h = fold._distance_scores(z), fold._head_scores(fold.head_, head_in)
+            y = np.r_[np.zeros(len(held_g)), np.ones(len(held_d))]
+            standard = tuple(float(v) for v in fold.fusion_[1:])
+            cv += [roc_auc_score(y, fuse(d, h, (w, *standard))) for w in FUSION_WEIGHTS]
+        cv /= 2
+        return {"distance_weight": FUSION_WEIGHTS[int(np.argmax(cv))], "chosen_by": CV_RULE,
+                "cv_auroc": {str(k): round(float(v), 4) for k, v in zip(FUSION_WEIGHTS, cv)},
+                "n_cv_goods": int(n_good), "n_cv_defects": int(n_def)}
+
+    def _fit_head(self, train_in: torch.Tensor, val_in: torch.Tensor, defect_in: torch.Tensor,
+                  val_z: torch.Tensor, weight: dict | None) -> None:
+        """The head on the training goods' and the defective images' inputs, and the fusion: the
+        weight (``_cross_validated_weight``; None: 0.5), each part standardised on the held-out goods
+        (inputs val_in, standardised rows val_z)."""
+        self.head_ = self._train_head(train_in, defect_in, self.seed)
+        d_val, h_val = self._distance_scores(val_z), self._head_scores(self.head_, val_in)
+        md, sd = float(d_val.mean()), max(float(d_val.std()), 1e-6)
         mh, sh = float(h_val.mean()), max(float(h_val.std()), 1e-6)
+        w = 0.5 if weight is None else weight["distance_weight"]
         self.fusion_ = torch.tensor([w, md, sd, mh, sh], dtype=torch.float64)
-        self.train_info_["fusion"] = {
-            "distance_weight": w, "chosen_by": "2-fold cross-validation" if folds else
-            "default (fewer than 4 defective images)",
-            "cv_auroc": {str(k): round(float(v) / max(len(folds), 1), 4) for k, v in zip(FUSION_WEIGHTS, cv)}
-            if folds else {}, "n_held_out_goods": int(len(val_z))}
+        self.train_info_["fusion"] = {"distance_weight": w, "chosen_by": "default (fewer than 4 good or defective "
+                                      "images)", "cv_auroc": {}} if weight is None else dict(weight)
+        self.train_info_["fusion"]["n_held_out_goods"] = int(len(val_z))
 
     # ---- training tuples --------------------------------------------------------------------------
     def _draw(self, sets, rng: np.random.Generator, n: int):
