@@ -199,6 +199,10 @@ def run_patch_variant(spec: str, protocol: str, label: str, latency_images: int)
     return row
 
 
+#: ``fusion.chosen_by`` of the rows fitted before the cross-validation fitted whole fold models
+EARLIER_CV = "2-fold cross-validation"
+
+
 def write_patch_markdown(payload: dict) -> None:
     lines = [
         "# patch-metric vs PatchCore, PaDiM and cnn-classifier on ELPV (issue 11)",
@@ -215,7 +219,9 @@ def write_patch_markdown(payload: dict) -> None:
         "(bench/.work/features): the first variant to see an image pays its backbone pass, later ones read it. "
         "supervised head: patch-metric's head on the labelled defect cells (docs/patch_metric.md), with the "
         "distance's weight its cross-validation chose; rows marked 'none (before it)' were fitted before the head "
-        "existed (it is trained by default whenever defective cells are given).",
+        "existed (it is trained by default whenever defective cells are given); 'earlier cross-validation' "
+        "(and 'not recorded'): the weight was chosen by the rule before 2026-12-02, whose folds shared the final "
+        "adaptor, trained on the very defect cells they held out (docs/patch_metric.md, \"Fusion\").",
         "",
     ]
     for data in sorted({r["data"] for r in payload["results"].values()}):
@@ -234,6 +240,8 @@ def write_patch_markdown(payload: dict) -> None:
                 continue
             head = (f"yes, distance weight {r['fusion']['distance_weight']}" if "fusion" in r
                     else r.get("head_note", ""))
+            if "fusion" in r and r["fusion"].get("chosen_by") == EARLIER_CV:
+                head += " (earlier cross-validation)"
             lines.append(f"| {r['protocol']} | {r['label']} | {fmt(r['image_auroc'])} | {fmt(r['accuracy'], 3)} | "
                          f"{fmt(r['fit_seconds'], 1)} | {fmt(r['ms_per_image'], 1)} | "
                          f"{r['n_train']} ({r.get('n_train_defective', 0)}) | {r['n_test']} | "
