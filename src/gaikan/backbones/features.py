@@ -94,19 +94,15 @@ class FeatureExtractor(nn.Module):
         return self._run(x, {ends[s]: s for s in range(max(self.stages) + 1)})
 
     def _run(self, x: torch.Tensor, tap_after: dict[int, int]) -> dict[int, torch.Tensor]:
+        return _run_blocks(self._blocks, self._stem(x), tap_after)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
-        taps: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in tap_after:
-                taps[tap_after[i]] = x
-        return taps
+        return torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
 
     def trunk(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """The input of stage ``start`` (B, C, h, w): the stem and every block before that stage."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        x = self._stem(x)
         for block in self._blocks[: _stage_begin(self.backbone, start)]:
             x = block(x)
         return x
@@ -135,12 +131,18 @@ class TapTail(nn.Module):
         self._tap_after = {i - first: s for i, s in extractor._tap_after.items()}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        taps: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self._tap_after:
-                taps[self._tap_after[i]] = x
+        taps = _run_blocks(self.blocks, x, self._tap_after)
         return [taps[s] for s in self.stages]
+
+
+def _run_blocks(blocks, x: torch.Tensor, tap_after: dict[int, int]) -> dict[int, torch.Tensor]:
+    """``x`` through ``blocks`` in turn; the output of block i kept as stage ``tap_after[i]``'s tap."""
+    taps: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i in tap_after:
+            taps[tap_after[i]] = x
+    return taps
 
 
 def _stage_begin(backbone: str, stage: int) -> int:
