@@ -276,9 +276,9 @@ def test_the_fusion_weight_is_cross_validated_on_images_the_fold_models_never_sa
     calls = []
     fit_rows = PatchMetric._fit_rows
 
-    def recording(self, imgs, good_raw, given, given_raw, start, cross_validate=True):
+    def recording(self, imgs, good_raw, given, given_raw, start, cross_validate=True, **kwargs):
         calls.append(({id(i) for i in imgs}, {id(i) for i in given}, cross_validate, self))
-        return fit_rows(self, imgs, good_raw, given, given_raw, start, cross_validate)
+        return fit_rows(self, imgs, good_raw, given, given_raw, start, cross_validate, **kwargs)
 
     monkeypatch.setattr(PatchMetric, "_fit_rows", recording)
     det = PatchMetric(**SMALL, head_steps=100).fit(images, labels)

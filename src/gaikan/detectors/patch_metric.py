@@ -473,10 +473,12 @@ class PatchMetric(Detector):
         self._fit_rows(images, good_raw, given, given_raw, start)
 
     def _fit_rows(self, images: list[np.ndarray], good_raw: torch.Tensor, given: list[np.ndarray],
-                  given_raw: torch.Tensor | None, start: float, cross_validate: bool = True) -> None:
+                  given_raw: torch.Tensor | None, start: float, cross_validate: bool = True,
+                  trunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """The fit from the raw patch features of the good images and of the given defective ones
         (None: not used as negatives); the images themselves for the synthetic defects and a tuned
-        head. ``cross_validate`` False: the fusion weight is not chosen (a fold's own fit)."""
+        head's trunk outputs (``_trunks``: of the goods and of the given defects; computed here when
+        ``trunks`` is None). ``cross_validate`` False: the fusion weight is not chosen (a fold's own fit)."""
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
         mode = self._negative_mode(len(given))
@@ -591,13 +593,14 @@ class PatchMetric(Detector):
             middle = time.perf_counter()
             val = torch.from_numpy(good_val)
             if self.tuned:  # the head's inputs: the trunk's outputs, in every orientation
-                trunks = self._trunks(images, "patch-metric: good images for the tuned head")
-                defects = self._trunks(given, "patch-metric: defect images for the tuned head")
-                inputs = trunks[~val], trunks[val], defects
-                del trunks
+                if trunks is None:
+                    trunks = (self._trunks(images, "patch-metric: good images for the tuned head"),
+                              self._trunks(given, "patch-metric: defect images for the tuned head"))
+                inputs = trunks[0][~val], trunks[0][val], trunks[1]
             else:
                 inputs = good[~val], good[val], defect_z
-            weight = self._cross_validated_weight(images, good_raw, given, given_raw, rng) if cross_validate else None
+            weight = (self._cross_validated_weight(images, good_raw, given, given_raw, trunks, rng)
+                      if cross_validate else None)
             self._fit_head(*inputs, good[val], weight)
             self.fit_seconds_["head"] = time.perf_counter() - middle
 
@@ -690,13 +693,15 @@ class PatchMetric(Detector):
         return torch.cat(out).numpy().astype(np.float64)
 
     def _cross_validated_weight(self, images: list[np.ndarray], good_raw: torch.Tensor, given: list[np.ndarray],
-                                given_raw: torch.Tensor, rng: np.random.Generator) -> dict | None:
+                                given_raw: torch.Tensor, trunks: tuple[torch.Tensor, torch.Tensor] | None,
+                                rng: np.random.Generator) -> dict | None:
         """The distance's fusion weight by 2-fold cross-validation, or None (fewer than 4 good or 4
         defective images). Fold k holds out half of the good and half of the defective images and
         fits a whole model of its own on the others -- adaptor (whose negatives are the defects'
         patches), memory and head -- so that its held-out images are scored as unseen ones; their
         fused scores use its own standardisation. The weight maximises the mean of the two folds'
-        AUROCs (held-out defects against held-out goods: every good image is a negative once)."""
+        AUROCs (held-out defects against held-out goods: every good image is a negative once). The
+        folds read the features (and a tuned head's trunk outputs) computed for the whole fit."""
         from sklearn.metrics import roc_auc_score
 
         n_good, n_def = len(images), len(given)
@@ -706,16 +711,16 @@ class PatchMetric(Detector):
         folds = zip(np.array_split(rng.permutation(n_good), 2), np.array_split(rng.permutation(n_def), 2))
         for f, (held_g, held_d) in enumerate(folds):
             rest_g, rest_d = np.setdiff1d(np.arange(n_good), held_g), np.setdiff1d(np.arange(n_def), held_d)
+            rest_g, rest_d, held_g, held_d = (torch.from_numpy(i) for i in (rest_g, rest_d, held_g, held_d))
             fold = type(self)(**{**self.settings(), "seed": self.seed + 1 + f})
             fold._extractor, fold.grid_ = self.extractor, self.grid_
-            fold._fit_rows([images[i] for i in rest_g], good_raw[torch.from_numpy(rest_g)],
-                           [given[i] for i in rest_d], given_raw[torch.from_numpy(rest_d)], time.perf_counter(),
-                           cross_validate=False)
+            fold._fit_rows([images[i] for i in rest_g], good_raw[rest_g], [given[i] for i in rest_d],
+                           given_raw[rest_d], time.perf_counter(), cross_validate=False,
+                           trunks=None if trunks is None else (trunks[0][rest_g], trunks[1][rest_d]))
             if fold.head_ is None:  # too few goods left to standardise a fold's head on
                 return None
-            held_images = [images[i] for i in held_g] + [given[i] for i in held_d]
-            z = fold._standardise(torch.cat([good_raw[torch.from_numpy(held_g)], given_raw[torch.from_numpy(held_d)]]))
-            head_in = fold._trunks(held_images, "patch-metric: cross-validation") if self.tuned else z
+            z = fold._standardise(torch.cat([good_raw[held_g], given_raw[held_d]]))
+            head_in = torch.cat([trunks[0][held_g], trunks[1][held_d]]) if self.tuned else z
             d, h = fold._distance_scores(z), fold._head_scores(fold.head_, head_in)
             y = np.r_[np.zeros(len(held_g)), np.ones(len(held_d))]
             standard = tuple(float(v) for v in fold.fusion_[1:])
