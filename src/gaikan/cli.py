@@ -92,8 +92,9 @@ def fit(
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     detector: str = typer.Option("padim", "--detector", help="Detector name (see `gaikan detectors`), or auto: "
                                  "choose the detector and settings from held-out goods with synthetic defects "
-                                 "(options holdout=0.3, budget=5: at most that many times the default candidate's selection run, the final "
-                                 "fit included, image_size=N: one working size for every candidate, real_defects=yes: "
+                                 "(options holdout=0.3, budget=5: at most about that many default fits of time, the final "
+                                 "fit included, image_size=N: one working size for every candidate (the Lite2 one's 320 "
+                                 "too), real_defects=yes: "
                                  "the supervised protocol's training defects join the check (then evaluate with "
                                  "--rows supervised); the saved model is the chosen detector, its manifest has the "
                                  "table)."),
