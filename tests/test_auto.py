@@ -25,6 +25,7 @@ def test_auto_picks_the_clearly_better_of_two_settings(defect_split):
     assert det.name == "padim" and det.image_size == 96 and det.n_features == 40
     assert not hasattr(det, "fitted_")  # returned unfitted: the caller fits it on everything
     assert rows["strong"].image_auroc >= 0.9 and rows["strong"].image_auroc > rows["weak"].image_auroc + 0.1
+    assert all(r.score_ms > 0 for r in selection.rows)  # what each candidate would cost per part
     # the check set: held-out goods and one synthetic defective twin each
     assert selection.n_check_good == selection.n_synthetic == 12
     assert selection.n_fit == len(train) - 12
@@ -111,6 +112,7 @@ def test_cli_fit_auto_saves_the_chosen_detector_with_its_table(defect_split, tmp
                                       "image_size=64", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "| candidate |" in result.output and "(chosen)" in result.output
+    result_fit_output = result.output
     manifest = json.loads((out / "manifest.json").read_text())
     selection = manifest["fit"]["selection"]
     assert manifest["detector"] == next(r["detector"] for r in selection["rows"] if r["label"] == selection["chosen"])
@@ -122,7 +124,8 @@ def test_cli_fit_auto_saves_the_chosen_detector_with_its_table(defect_split, tmp
                                       "--report", str(report), "--quiet"])
     assert result.exit_code == 0, result.output
     html = (report / "report.html").read_text()
-    assert "How this detector was chosen" in html and "(chosen)" in html
+    assert "How this detector was chosen" in html and "(chosen)" in html and "scoring ms / image" in html
+    assert "score ms/image" in result_fit_output
 
 
 def test_auto_refuses_too_few_goods_and_unknown_options(defect_split, tmp_path):

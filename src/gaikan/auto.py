@@ -107,6 +107,8 @@ class SelectionRow:
     image_auroc: float | None = None
     pixel_auroc: float | None = None
     seconds: float | None = None
+    #: its scoring time per check image, milliseconds (what the chosen model will cost per part)
+    score_ms: float | None = None
     status: str = "ok"
 
 
@@ -130,13 +132,13 @@ class Selection:
         return out
 
     def markdown(self) -> str:
-        lines = ["| candidate | image AUROC | pixel AUROC | s | status |", "|---|---|---|---|---|"]
+        lines = ["| candidate | image AUROC | pixel AUROC | s | score ms/image | status |", "|---|---|---|---|---|---|"]
         for r in self.rows:
             def f(v, spec="{:.3f}"):
                 return "–" if v is None else spec.format(v)
             mark = " **(chosen)**" if r.label == self.chosen else ""
             lines.append(f"| {r.label}{mark} | {f(r.image_auroc)} | {f(r.pixel_auroc)} | {f(r.seconds, '{:.1f}')} "
-                         f"| {r.status} |")
+                         f"| {f(r.score_ms, '{:.1f}')} | {r.status} |")
         return "\n".join(lines)
 
 
@@ -244,7 +246,9 @@ def _run_grid(grid, overrides, fit_images, check, check_labels, check_masks, bud
         t0 = time.perf_counter()
         det = cand.make(overrides)
         det.fit(fit_images, validation_fraction=0.0, calibrate=False)
+        t_score = time.perf_counter()
         result = det.score(check)
+        row.score_ms = round(1000.0 * (time.perf_counter() - t_score) / max(len(check), 1), 2)
         row.image_auroc = float(image_auroc(check_labels, result.scores))
         if result.maps is not None:
             maps = np.asarray(result.maps)[: n_synthetic]

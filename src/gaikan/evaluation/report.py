@@ -88,12 +88,12 @@ _METRIC_ROWS = [
 
 def _selection_section(selection: Mapping) -> str:
     """The table ``--detector auto`` chose the model from (gaikan.auto.Selection.to_dict())."""
-    head = "<tr><th>candidate</th><th>image AUROC</th><th>pixel AUROC</th><th>seconds</th><th>status</th></tr>"
+    head = "<tr><th>candidate</th><th>image AUROC</th><th>pixel AUROC</th><th>seconds</th><th>scoring ms / image</th><th>status</th></tr>"
     body = ""
     for row in selection.get("rows", []):
         chosen = row.get("label") == selection.get("chosen")
         cells = "".join(f"<td class='num'>{html.escape(_fmt(row.get(k)))}</td>"
-                        for k in ("image_auroc", "pixel_auroc", "seconds"))
+                        for k in ("image_auroc", "pixel_auroc", "seconds", "score_ms"))
         mark = " <b>(chosen)</b>" if chosen else ""
         body += (f"<tr><td>{html.escape(str(row.get('label')))}{mark}</td>{cells}"
                  f"<td>{html.escape(str(row.get('status', '')))}</td></tr>")
