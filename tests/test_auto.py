@@ -162,11 +162,21 @@ def test_the_tap_cache_gives_the_same_scores_and_runs_the_backbone_once(defect_s
         with tap_cache():
             PaDiM(image_size=64, n_features=20).fit(train, validation_fraction=0).score(test)
             n_first = sum(calls)
-            cached = PatchCore(image_size=64).fit(train, validation_fraction=0).score(test).scores
+            cached_det = PatchCore(image_size=64).fit(train, validation_fraction=0)
+            cached = cached_det.score(test).scores
+            n_second = sum(calls)
+            with features.no_tap_cache():  # what auto times a candidate's scoring with
+                alone = cached_det.score(test).scores
+            n_alone = sum(calls) - n_second
+            cached_again = cached_det.score(test).scores  # the cache is back after it
     finally:
         features.prepare_batch = real
-    assert sum(calls) == n_first  # the second detector ran no backbone pass
+    assert n_second == n_first  # the second detector ran no backbone pass
+    assert n_alone == len(test)  # without the cache: a backbone pass for every image
+    assert sum(calls) == n_second + n_alone
     np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(alone, plain)
+    np.testing.assert_array_equal(cached_again, plain)
 
 
 def test_cached_taps_serve_other_batches_of_the_same_images_and_add_false_adds_nothing(defect_split):

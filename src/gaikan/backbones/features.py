@@ -179,6 +179,19 @@ def tap_cache(*, add: bool = True):
         _TAP_CACHE, _TAP_ADD = outer, outer_add
 
 
+@contextmanager
+def no_tap_cache():
+    """Inside an active ``tap_cache``: none for a while (what a detector costs on its own, e.g. the
+    scoring time ``--detector auto`` reports per candidate)."""
+    global _TAP_CACHE
+    outer = _TAP_CACHE
+    _TAP_CACHE = None
+    try:
+        yield
+    finally:
+        _TAP_CACHE = outer
+
+
 def tap_features(extractor: "FeatureExtractor", images: Sequence[np.ndarray],
                  size: tuple[int, int]) -> list[torch.Tensor]:
     """``extractor(prepare_batch(images, size))`` under inference mode; under ``tap_cache``, the
