@@ -133,7 +133,8 @@ class Selection:
         return out
 
     def markdown(self) -> str:
-        lines = ["| candidate | image AUROC | pixel AUROC | s | score ms/image | status |", "|---|---|---|---|---|---|"]
+        lines = ["| candidate | image AUROC | pixel AUROC | s | score ms/image | status |",
+                 "|---|---|---|---|---|---|"]
         for r in self.rows:
             def f(v, spec="{:.3f}"):
                 return "–" if v is None else spec.format(v)

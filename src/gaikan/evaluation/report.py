@@ -88,7 +88,8 @@ _METRIC_ROWS = [
 
 def _selection_section(selection: Mapping) -> str:
     """The table ``--detector auto`` chose the model from (gaikan.auto.Selection.to_dict())."""
-    head = "<tr><th>candidate</th><th>image AUROC</th><th>pixel AUROC</th><th>seconds</th><th>scoring ms / image</th><th>status</th></tr>"
+    head = ("<tr><th>candidate</th><th>image AUROC</th><th>pixel AUROC</th><th>seconds</th>"
+            "<th>scoring ms / image</th><th>status</th></tr>")
     body = ""
     for row in selection.get("rows", []):
         chosen = row.get("label") == selection.get("chosen")
