@@ -113,7 +113,7 @@ def run_one(spec: str, config: str) -> dict:
     if name == "auto":
         sel = det.fit_info_["selection"]
         row["auto_chosen"] = sel["chosen"]
-        row["auto_table"] = [{k: r[k] for k in ("label", "image_auroc", "pixel_auroc", "seconds", "status")}
+        row["auto_table"] = [{k: r[k] for k in ("label", "image_auroc", "pixel_auroc", "seconds", "score_ms", "status")}
                              for r in sel["rows"]]
     return row
 
