@@ -696,7 +696,7 @@ class PatchMetric(Detector):
                                 given_raw: torch.Tensor, trunks: tuple[torch.Tensor, torch.Tensor] | None,
                                 rng: np.random.Generator) -> dict | None:
         """The distance's fusion weight by 2-fold cross-validation, or None (fewer than 4 good or 4
-        defective images). Fold k holds out half of the good and half of the defective images and
+        defective images, or a fold with too few goods to standardise its head on). Fold k holds out half of the good and half of the defective images and
         fits a whole model of its own on the others -- adaptor (whose negatives are the defects'
         patches), memory and head -- so that its held-out images are scored as unseen ones; their
         fused scores use its own standardisation. The weight maximises the mean of the two folds'
@@ -741,8 +741,8 @@ class PatchMetric(Detector):
         mh, sh = float(h_val.mean()), max(float(h_val.std()), 1e-6)
         w = 0.5 if weight is None else weight["distance_weight"]
         self.fusion_ = torch.tensor([w, md, sd, mh, sh], dtype=torch.float64)
-        self.train_info_["fusion"] = {"distance_weight": w, "chosen_by": "default (fewer than 4 good or defective "
-                                      "images)", "cv_auroc": {}} if weight is None else dict(weight)
+        self.train_info_["fusion"] = {"distance_weight": w, "chosen_by": "default (too few good or defective "
+                                      "images for 2 folds)", "cv_auroc": {}} if weight is None else dict(weight)
         self.train_info_["fusion"]["n_held_out_goods"] = int(len(val_z))
 
     # ---- training tuples --------------------------------------------------------------------------
