@@ -58,8 +58,8 @@ def onnx_session(model, threads: int, *, spin: bool = True):
     ``session.x64quantprecision``: on x86 CPUs without VNNI (AVX2, or AVX-512 alone) onnxruntime
     multiplies uint8 activations by int8 weights with VPMADDUBSW, whose 16-bit sums of two products
     saturate, so an int8 model's scores depend on the CPU. On an AMD EPYC with AVX2 (10th session)
-    ELPV mono's int8 PaDiM fell from AUROC 0.940 to 0.808 without it and gave 0.940 with it (the
-    QDQ graph simulated in float: 0.941). With the option onnxruntime computes those products in
+    ELPV mono's int8 PaDiM scored AUROC 0.808 without it and 0.940 with it (the float model 0.942,
+    the QDQ graph simulated in float 0.941). With the option onnxruntime computes those products in
     uint8 x uint8 where the weights exceed 7 bits; on CPUs with VNNI, and for float models, it
     changes nothing."""
     import onnxruntime as ort
